@@ -30,8 +30,11 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse
+import csv
 import datetime as dt
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -557,16 +560,21 @@ def day_window(date, tz):
     return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
+def local_time(ms, tz):
+    """Return the moment `ms` on the wall clock of zone `tz`."""
+    return dt.datetime.fromtimestamp(ms / 1000, zoneinfo.ZoneInfo(tz))
+
+
 def local_today(tz, now=None):
     """Return today's date in zone `tz`."""
-    return dt.datetime.fromtimestamp((now_ms() if now is None else now) / 1000, zoneinfo.ZoneInfo(tz)).date()
+    return local_time(now_ms() if now is None else now, tz).date()
 
 
 def state_spans(family_id, config, start, end, now):
     """Return the stateful categories' spans clipped to [start, min(end, now)).
 
-    Each span: {category, label, start, end, counted}. A state lasts until the next entry of
-    its category; the one in force at `start` carries in.
+    Each span: {category, label, start, end, since, counted}; `since` is when the state began,
+    before `start` for the one that carries in. A state lasts until the next entry of its category.
     """
     stop = min(end, now)
     spans = []
@@ -576,7 +584,7 @@ def state_spans(family_id, config, start, end, now):
         category = group['category']
         counted = {b['label'] for b in group['buttons'] if b.get('counted')}
         before = db.execute("""SELECT ts, value FROM entries WHERE family_id = ? AND type = ? AND NOT deleted
-                               AND ts < ? ORDER BY ts DESC LIMIT 1""", (family_id, category, start)).fetchall()
+                               AND ts < ? ORDER BY ts DESC, id DESC LIMIT 1""", (family_id, category, start)).fetchall()
         inside = db.execute("""SELECT ts, value FROM entries WHERE family_id = ? AND type = ? AND NOT deleted
                                AND ts >= ? AND ts < ? ORDER BY ts, id""", (family_id, category, start, stop)).fetchall()
         changes = before + inside
@@ -584,7 +592,7 @@ def state_spans(family_id, config, start, end, now):
             begin, finish = max(ts, start), min(following[0], stop)
             if finish > begin:
                 spans.append({'category': category, 'label': value, 'start': begin, 'end': finish,
-                              'counted': value in counted})
+                              'since': ts, 'counted': value in counted})
     return spans
 
 
@@ -594,11 +602,8 @@ def day_summary(family, date, now=None):
     tz = family['tz']
     start, end = day_window(date, tz)
     config = get_config(family['id'])
-    zone = zoneinfo.ZoneInfo(tz)
-    hours = []
-    for slot_start in range(start, end, 3600 * 1000):
-        local = dt.datetime.fromtimestamp(slot_start / 1000, zone)
-        hours.append({'hour': local.hour, 'start': slot_start, 'events': []})
+    hours = [{'hour': local_time(slot, tz).hour, 'start': slot, 'events': []}
+             for slot in range(start, end, 3600 * 1000)]
     day_entries = [entry_dict(r) for r in db.execute(
         'SELECT * FROM entries WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id',
         (family['id'], start, end))]
@@ -618,6 +623,54 @@ def day_summary(family, date, now=None):
               'dirty': sum(1 for v in nappies if 'dirty' in v)}
     return {'date': date.isoformat(), 'tz': tz, 'hours': hours, 'totals': totals,
             'categories': categories, 'spans': spans}
+
+
+def clock_minutes(ms, start, tz):
+    """Return where `ms` falls on the wall clock of the local day that began at `start`, in minutes (1440 at its end)."""
+    offset = lambda t: local_time(t, tz).utcoffset().total_seconds() / 60
+    return round((ms - start) / 60000 + offset(ms) - offset(start), 1)
+
+
+def sleep_chart(family, last, now=None, days=14):
+    """Return the `days` local days up to date `last`: each day's sleep spans and feeds on the wall clock."""
+    chart = []
+    for back in range(days - 1, -1, -1):
+        date = last - dt.timedelta(days=back)
+        summary = day_summary(family, date, now)
+        start, clock = summary['hours'][0]['start'], lambda ms: clock_minutes(ms, start, family['tz'])
+        chart.append({'date': date, 'minutes': summary['totals']['sleep_minutes'],
+                      'sleep': [(clock(s['start']), max(0, clock(s['end']) - clock(s['start'])))
+                                for s in summary['spans'] if s['category'] == 'sleep' and s['counted']],
+                      'feeds': [clock(e['ts']) for hour in summary['hours'] for e in hour['events'] if e['type'] == 'feed']})
+    return chart
+
+
+def when(ms, tz, now):
+    """Name a moment on the family's clock: '19:42', 'yesterday 19:42' or 'Mon 3 Nov 19:42'."""
+    moment, today = local_time(ms, tz), local_today(tz, now)
+    days = {today: '', today - dt.timedelta(days=1): 'yesterday ', today + dt.timedelta(days=1): 'tomorrow '}
+    other = f'{moment:%a} {moment.day} {moment:%b} ' + (f'{moment.year} ' if moment.year != today.year else '')
+    return days.get(moment.date(), other) + f'{moment:%H:%M}'
+
+
+def ago(ms, now):
+    """Say how long ago `ms` was: 'just now', '12 min ago', '3 h ago', '2 days ago'."""
+    minutes = (now - ms) // 60000
+    if minutes < 1:
+        return 'just now'
+    return f'{minutes} min ago' if minutes < 60 else f'{minutes // 60} h ago' if minutes < 1440 else (
+        f"{minutes // 1440} day{'s' if minutes >= 2880 else ''} ago")
+
+
+def hm(minutes):
+    """Say a duration in minutes: '45 min', '9 h 5 min'."""
+    return f'{minutes // 60} h {minutes % 60} min' if minutes >= 60 else f'{minutes} min'
+
+
+@functools.cache
+def time_zones():
+    """Return the IANA zone names, sorted (read from disk once)."""
+    return sorted(zoneinfo.available_timezones())
 
 
 ###############################################################################
@@ -832,6 +885,12 @@ class Peer:
         except OSError:
             pass
 
+    def drain(self, seconds=1):
+        """Discard what the peer still sends until it closes, so our close frame is not lost to a reset."""
+        with gevent.Timeout(seconds, False):
+            while self.sock.recv(65536):
+                pass
+
     def receive(self):
         """Return the next text message, or None when the peer has gone; raise CloseConnection on abuse."""
         parts, size, opcode = [], 0, None
@@ -1041,6 +1100,7 @@ def serve_socket(ws, link, since):
             except CloseConnection as error:
                 stats['messages_refused'] += 1
                 peer.close(error.code, error.reason)
+                peer.drain()
                 break
             except (OSError, WebSocketError):  # the peer vanished: EOF or reset
                 break
@@ -1156,9 +1216,7 @@ def page(name, **values):
 
 def error_handler(error):
     """Answer every error as JSON or a small page; never a traceback."""
-    if error.status_code >= 500:
-        log.error('request failed: %s', error.exception and repr(error.exception)[:200],
-                  exc_info=error.exception if error.exception else None)
+    if error.status_code >= 500:  # Bottle has written the traceback to wsgi.errors, our log
         message = 'Something went wrong on the server. Please try again.'
     else:
         message = error.body if isinstance(error.body, str) and error.body else error.status_line

@@ -229,3 +229,18 @@ def logged_in(web):
     """A WebTest client logged in as jane (JSON)."""
     web.post_json('/admin/login', {'username': 'jane', 'password': ADMIN_PASSWORD})
     return web
+
+
+def close_code(device, timeout=5):
+    """Read until the server's close frame; return its code (None when the socket just dropped)."""
+    import struct
+    device.ws.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            opcode, data = device.ws.recv_data(control_frame=True)
+        except (websocket.WebSocketConnectionClosedException, ConnectionError):
+            return None
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return struct.unpack('!H', data[:2])[0] if len(data) >= 2 else 1005
+    raise AssertionError('no close frame in time')
