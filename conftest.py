@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 os.environ.setdefault('BCRYPT_ROUNDS', '4')  # before any test imports babytrackd
+os.environ['BABYTRACKD_NO_PATCH'] = '1'  # keep real threads in the test process (see babytrackd.py)
 
 import pytest
 import websocket
@@ -49,6 +50,7 @@ class Server:
         self.env = dict(os.environ, HOST='127.0.0.1', DB_PATH=self.db_path, ADMIN_PASS=ADMIN_PASSWORD,
                         BCRYPT_ROUNDS='4', LOG_FORMAT='json', LOG_LEVEL='info', BACKUP_KEEP='0')
         self.env.update({key: str(value) for key, value in env.items()})
+        self.env.pop('BABYTRACKD_NO_PATCH', None)  # the server itself runs on gevent
         self.proc = None
         self.start()
 

@@ -696,3 +696,145 @@ def test_a_silent_peer_is_dropped_and_leaves_presence(tmp_path):
         silent.close()
     finally:
         server.stop()
+
+
+# Operations -------------------------------------------------------------------------------------
+
+def test_sigterm_says_goodbye_to_every_socket_and_exits_cleanly(server, family):
+    mum = Device(server, family['id'], family['mum'])
+    dad = Device(server, family['id'], family['dad'])
+    write(mum, 'add', entry('before-shutdown'))
+    started = time.monotonic()
+    server.proc.send_signal(15)
+    assert [close_code(mum), close_code(dad)] == [1001, 1001]
+    assert server.proc.wait(timeout=5) == 0
+    assert time.monotonic() - started < 5
+    wal = server.db_path + '-wal'
+    assert not os.path.exists(wal) or os.path.getsize(wal) == 0
+    with sqlite3.connect(server.db_path) as conn:
+        assert conn.execute('SELECT id FROM entries').fetchall() == [('before-shutdown',)]
+
+
+def test_logs_are_json_lines_without_tokens_or_names(server, admin):
+    secrets_told = ['Secret Family Name', 'secret note', 'Secret Label', 'secret entry value']
+    family = admin.create_family(secrets_told[0], notes=secrets_told[1])
+    token = admin.create_link(family['id'], secrets_told[2])['token']
+    revoked = admin.create_link(family['id'], 'Other')['token']
+    urllib_get(f'{server.base_url}/t/{token}')
+    device = Device(server, family['id'], token)
+    write(device, 'add', entry('logged', value=secrets_told[3]))
+    admin.revoke_link(family['id'], revoked)
+    urllib_get(f'{server.base_url}/t/{revoked}')
+    device.close()
+    server.stop()
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith('{')]
+    assert any(line.get('path') == '/t/[redacted]' and line['status'] == 303 for line in lines)
+    assert any(line.get('path') == '/t/[redacted]' and line['status'] == 410 for line in lines)
+    assert all({'time', 'level', 'msg'} <= set(line) for line in lines)
+    text = server.log()
+    for secret in [token, revoked, *secrets_told]:
+        assert secret not in text
+
+
+def urllib_get(url):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_metrics_count_what_happened(server, admin, family, devices):
+    mum, _ = devices
+    write(mum, 'add', entry('counted'))
+    AdminClient(server).call('POST', '/admin/login', {'username': 'jane', 'password': 'wrong'})
+    import urllib.request
+    with urllib.request.urlopen(server.base_url + '/metrics', timeout=5) as answer:
+        text = answer.read().decode()
+    values = dict(line.rsplit(' ', 1) for line in text.splitlines())
+    assert values['babytrackd_open_sockets'] == '2'
+    assert values['babytrackd_entries_accepted_total'] == '1'
+    assert values['babytrackd_login_failures_total'] == '1'
+    assert int(values['babytrackd_requests_4xx_total']) >= 1
+    assert int(values['babytrackd_resident_memory_bytes']) > 1_000_000
+
+
+def test_backup_while_writing_holds_every_acknowledged_entry_and_restores(server, admin, family, tmp_path):
+    import subprocess
+    import sys
+    import threading
+    device = Device(server, family['id'], family['mum'])
+    acknowledged, stop = [], threading.Event()
+
+    def keep_writing():
+        number = 0
+        while not stop.is_set():
+            acknowledged.append(write(device, 'add', entry(f'w{number}'))['entry']['id'])
+            number += 1
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        wait_for(lambda: len(acknowledged) >= 50, message='50 acknowledged writes')
+        before_backup = list(acknowledged)
+        copy = tmp_path / 'copy.db'
+        done = subprocess.run([sys.executable, 'babytrackd.py', 'backup', str(copy)], capture_output=True, text=True,
+                              env=dict(server.env, BABYTRACKD_NO_PATCH=''), cwd=os.path.dirname(__file__), timeout=30)
+        assert done.returncode == 0, done.stderr
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+    assert len(acknowledged) > len(before_backup)  # the writes really were flowing during the backup
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
+        saved = {row[0] for row in conn.execute('SELECT id FROM entries')}
+    assert set(before_backup) <= saved
+    restored_dir = tmp_path / 'restored'
+    restored_dir.mkdir()
+    os.replace(copy, restored_dir / 'babytrack.db')
+    restored = Server(restored_dir)
+    try:
+        served = {e['id'] for e in AdminClient_for(restored).family(family['id'])['entries']}
+        assert set(before_backup) <= served and served == saved
+    finally:
+        restored.stop()
+
+
+def test_daily_snapshots_keep_the_newest(bt, monkeypatch, tmp_path):
+    monkeypatch.setattr(bt, 'DB_PATH', str(tmp_path / 'babytrack.db'))
+    monkeypatch.setattr(bt, 'BACKUP_KEEP', 2)
+    folder = tmp_path / 'backups'
+    folder.mkdir()
+    for day in ('2020-01-01', '2020-01-02'):
+        (folder / f'babytrack-{day}.db').write_bytes(b'')
+    bt.create_family('Snapshotted')
+    bt.daily_snapshot()
+    kept = sorted(os.listdir(folder))
+    assert len(kept) == 2 and kept[0] == 'babytrack-2020-01-02.db' and kept[1].startswith('babytrack-20')
+    with sqlite3.connect(folder / kept[1]) as conn:
+        assert conn.execute('SELECT name FROM families').fetchall() == [('Snapshotted',)]
+    assert bt.latest_backup() == str(folder / kept[1])
+
+
+def test_health_is_503_when_the_database_cannot_be_read(bt, web):
+    bt.db.close()
+    assert web.get('/health', status=503).json == {'ok': False}
+
+
+def test_fly_toml_agrees_with_the_app(bt):
+    import tomllib
+    with open(os.path.join(os.path.dirname(__file__), 'fly.toml'), 'rb') as raw:
+        fly = tomllib.load(raw)
+    env, service = fly['env'], fly['http_service']
+    assert env['PORT'] == str(bt.PORT) == '8080' and service['internal_port'] == 8080
+    assert env['DB_PATH'].startswith(fly['mounts']['destination'] + '/')
+    assert env['BASE_URL'].startswith('https://') and service['force_https'] is True
+    assert service['checks'][0]['path'] == '/health'
+    assert service['concurrency']['type'] == 'connections'
+    assert fly['metrics'] == {'port': 8080, 'path': '/metrics'}
+    assert fly['kill_signal'] == 'SIGTERM' and fly['kill_timeout'] > 5
+    assert fly['vm'][0]['memory'] == '256mb' and fly['primary_region'] == 'syd'
+    with open(os.path.join(os.path.dirname(__file__), 'Procfile')) as procfile:
+        assert procfile.read().strip() == 'web: python babytrackd.py'
