@@ -25,9 +25,12 @@ Chapters (each uses only those above it):
 """
 
 # gevent must patch the standard library before anything imports socket, ssl or threading:
-# otherwise blocking calls would stall every greenlet in the process.
+# otherwise blocking calls would stall every greenlet in the process. The test suite imports this
+# module for WebTest next to a browser driver that needs real threads, so it opts out.
+import os
 from gevent import monkey
-monkey.patch_all()
+if not os.environ.get('BABYTRACKD_NO_PATCH'):
+    monkey.patch_all()
 
 import argparse
 import csv
@@ -37,7 +40,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import secrets
 import signal
@@ -656,10 +658,8 @@ def when(ms, tz, now):
 def ago(ms, now):
     """Say how long ago `ms` was: 'just now', '12 min ago', '3 h ago', '2 days ago'."""
     minutes = (now - ms) // 60000
-    if minutes < 1:
-        return 'just now'
-    return f'{minutes} min ago' if minutes < 60 else f'{minutes // 60} h ago' if minutes < 1440 else (
-        f"{minutes // 1440} day{'s' if minutes >= 2880 else ''} ago")
+    return ('just now' if minutes < 1 else f'{minutes} min ago' if minutes < 60 else f'{minutes // 60} h ago'
+            if minutes < 1440 else '1 day ago' if minutes < 2880 else f'{minutes // 1440} days ago')
 
 
 def hm(minutes):
@@ -1204,6 +1204,8 @@ def same_origin(environ):
     origin = environ.get('HTTP_ORIGIN')
     if not origin:
         return True
+    if origin == 'null':  # what browsers send under Referrer-Policy: no-referrer; Sec-Fetch-Site cannot be forged
+        return environ.get('HTTP_SEC_FETCH_SITE') == 'same-origin'
     return urlsplit(origin).netloc in (environ.get('HTTP_HOST'), urlsplit(BASE_URL).netloc)
 
 
@@ -1427,12 +1429,17 @@ def family_overview(family, now):
 
 @app.get('/admin')
 @admin_required
-def admin_dashboard():
-    """The consultant's dashboard."""
-    show_archived = request.query.get('archived') == '1'
-    now = now_ms()
+def admin_dashboard(error=None, typed=None):
+    """The consultant's dashboard (shown again by the Add client form with its mistake and what was typed)."""
+    show_archived, now = request.query.get('archived') == '1', now_ms()
     families = [family_overview(f, now) for f in list_families(show_archived)]
-    return page('dashboard', families=families, show_archived=show_archived, now=now)
+    for family in families:
+        family['seen'] = ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet'
+        family['states'] = [f"{s['label']} since {when(s['since'], family['tz'], now)}"
+                            for s in family['summary']['spans'] if s['end'] == now]
+    form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
+    return page('dashboard', families=families, show_archived=show_archived, hm=hm, zones=time_zones(),
+                error=error, form=form)
 
 
 @app.get('/admin/families')
@@ -1546,12 +1553,128 @@ def admin_links_revoke(family_id, token):
     return ''
 
 
-def family_page(family, date_text):
-    """Return what the family page shows for one date."""
-    date = parse_date(date_text, family['tz'])
-    return {'family': family, 'date': date, 'summary': day_summary(family, date),
+def family_page(family, date_text, errors=None, typed=None):
+    """Return what the family page shows for one date (a refused form: its message and what was typed)."""
+    tz, now, hour_ms = family['tz'], now_ms(), 3600 * 1000
+    date = parse_date(date_text, tz)
+    summary, config = day_summary(family, date, now), get_config(family['id'])
+    for hour in summary['hours']:  # the sleep inside each hour, as (first minute, minutes)
+        begin, top = hour['start'], hour['start'] + hour_ms
+        hour['sleep'] = [((max(s['start'], begin) - begin) / 60000, (min(s['end'], top) - max(s['start'], begin)) / 60000)
+                         for s in summary['spans'] if s['category'] == 'sleep' and s['counted']
+                         and s['start'] < top and s['end'] > begin]
+    form = {'name': family['name'], 'notes': family['notes'], 'tz': tz, 'label': '', 'expires': 'never',
+            'expires_on': '', 'config': json.dumps(config, indent=2), **(typed or {})}
+    return {'family': family, 'date': date, 'prev': date - dt.timedelta(days=1), 'next': date + dt.timedelta(days=1),
+            'summary': summary, 'chart': sleep_chart(family, date, now), 'config': config, 'form': form,
             'links': list_links(family['id']), 'online': {p.token for p in hub.peers(family['id'])},
-            'config': get_config(family['id']), 'changes': recent_changes(family['id'])}
+            'changes': recent_changes(family['id']), 'errors': errors or {}, 'zones': time_zones(), 'now': now,
+            'hm': hm, 'clock': lambda ms: f'{local_time(ms, tz):%H:%M}', 'when': lambda ms: when(ms, tz, now)}
+
+
+# -- admin pages: forms and exports ---------------------------------------------
+
+@app.post('/admin/families/new')
+@admin_required
+def admin_family_add():
+    """The dashboard's Add client form."""
+    data = form_or_json()
+    try:
+        family = create_family(data.get('name', ''), data.get('notes', ''), data.get('tz') or None)
+    except Invalid as error:
+        response.status = 400
+        return admin_dashboard(str(error), data)
+    bottle.redirect(f"/admin/families/{family['id']}", 303)
+
+
+def family_form(family_id, section, act):
+    """Run one form of the family page: act(family, form), then back to the page with 303;
+    an Invalid shows the page again (400) with the message beside that form and what was typed."""
+    family = family_or_404(family_id)
+    data = form_or_json()
+    try:
+        act(family, data)
+    except Invalid as error:
+        response.status = 400
+        return page('family', **family_page(family, None, {section: str(error)}, data))
+    bottle.redirect(f'/admin/families/{family_id}#{section}', 303)
+
+
+@app.post('/admin/families/<family_id>/edit')
+@admin_required
+def admin_family_edit(family_id):
+    """The family page's details form (name, notes, time zone) and its Archive / Unarchive button."""
+    def edit(family, data):
+        changes = {key: data[key] for key in ('name', 'notes', 'tz') if key in data}
+        if 'archived' in data:
+            changes['archived'] = data['archived'] == '1'
+        if update_family(family['id'], changes)['archived']:
+            hub.close_family(family['id'])  # archiving: its links stop working at once
+    return family_form(family_id, 'details', edit)
+
+
+@app.post('/admin/families/<family_id>/links/new')
+@admin_required
+def admin_links_form(family_id):
+    """The family page's new-link form: a label and an expiry (never, 1 or 2 weeks, or a last day)."""
+    def create(family, data):
+        expires_at = now_ms() + int(data['expires']) * DAY_MS if data.get('expires') in ('7', '14') else None
+        if data.get('expires') == 'date':
+            try:
+                expires_at = day_window(dt.date.fromisoformat(data.get('expires_on', '')), family['tz'])[1]
+            except ValueError:
+                raise Invalid('Pick the last day the link should work.') from None
+            if expires_at <= now_ms():
+                raise Invalid('The last day must be today or later.')
+        create_link(family['id'], data.get('label', ''), expires_at)
+    return family_form(family_id, 'links', create)
+
+
+@app.post('/admin/families/<family_id>/links/<token>/revoke')
+@admin_required
+def admin_links_revoke_form(family_id, token):
+    """The family page's Revoke button: the link stops working and its sockets close."""
+    def revoke(family, data):
+        if not revoke_link(family['id'], token):
+            raise Invalid('That link was already revoked.')
+        hub.close_link(token)
+    return family_form(family_id, 'links', revoke)
+
+
+@app.post('/admin/families/<family_id>/config')
+@admin_required
+def admin_config_form(family_id):
+    """The family page's button editor: the JSON is checked, stored and pushed to the family's devices."""
+    def store(family, data):
+        try:
+            groups = json.loads(data.get('config', ''))
+        except ValueError as error:
+            raise Invalid(f'This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).') from None
+        except RecursionError:
+            raise Invalid('This JSON is nested too deeply.') from None
+        hub.broadcast(family['id'], {'type': 'config', 'data': save_config(family['id'], groups)})
+    return family_form(family_id, 'config', store)
+
+
+@app.get('/admin/families/<family_id>/export.<kind:re:csv|json>')
+@admin_required
+def admin_family_export(family_id, kind):
+    """The family's live entries, oldest first: stable ids, ISO times in the family's zone and raw ms."""
+    family = family_or_404(family_id)
+    entries = [dict(e, time=local_time(e['ts'], family['tz']).isoformat(timespec='seconds'))
+               for e in reversed(live_entries(family_id))]
+    response.set_header('Content-Disposition', f'attachment; filename="babytrack-{family_id}.{kind}"')
+    if kind == 'json':
+        response.content_type = 'application/json'
+        return json.dumps({'family': family, 'exported_at': now_ms(), 'entries': entries}, indent=1)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ['id', 'time', 'ts', 'type', 'value', 'by', 'updated_at', 'seq'], extrasaction='ignore')
+    writer.writeheader()
+    for entry in entries:  # a cell starting with = + - @ would run as a formula in a spreadsheet
+        writer.writerow({key: f"'{text}" if isinstance(text, str) and text[:1] in ('=', '+', '-', '@') else text
+                         for key, text in entry.items()})
+    response.content_type = 'text/csv; charset=utf-8'
+    return out.getvalue()
 
 
 ###############################################################################
@@ -1615,7 +1738,9 @@ def rss_bytes():
 
 @app.get('/metrics')
 def metrics():
-    """Prometheus text format."""
+    """Prometheus text format, for fly.io's scraper on the private network only."""
+    if BEHIND_FLY_PROXY and request.get_header('Fly-Client-IP'):
+        bottle.abort(404, 'Not found.')  # came in through the public proxy
     response.content_type = 'text/plain; version=0.0.4'
     lines = [f'babytrackd_{name}_total {value}' for name, value in sorted(stats.items())]
     lines.append(f'babytrackd_open_sockets {len(hub.peers())}')
@@ -1675,6 +1800,30 @@ def maintenance_loop():
         except (OSError, sqlite3.Error):
             log.exception('maintenance failed')
         gevent.sleep(3600)
+
+
+def swap_in_restore(path):
+    """Before opening: put a waiting PATH.restore in place of the database, keeping the old file aside."""
+    waiting = path + '.restore'
+    if not os.path.exists(waiting):
+        return False
+    check = sqlite3.connect(waiting)
+    try:
+        healthy = check.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
+    except sqlite3.DatabaseError:
+        healthy = False
+    finally:
+        check.close()
+    if not healthy:
+        raise SystemExit(f'{waiting} failed its integrity check; nothing was restored')
+    aside = f"{path}.before-restore-{time.strftime('%Y%m%d-%H%M%S')}"
+    for suffix in ('', '-wal', '-shm'):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, aside + suffix)
+    os.replace(waiting, path)
+    log.warning('restored the database from %s; the previous file is %s', os.path.basename(waiting),
+                os.path.basename(aside))
+    return True
 
 
 class Handler(WebSocketHandler):
@@ -1740,6 +1889,7 @@ def main(argv=None):
         backup_to(args.path)
         print(f'backup written to {args.path}')
         return 0
+    swap_in_restore(DB_PATH)
     open_db()
     if args.command == 'vacuum':
         db.execute('VACUUM')

@@ -791,15 +791,21 @@ def test_backup_while_writing_holds_every_acknowledged_entry_and_restores(server
         assert conn.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
         saved = {row[0] for row in conn.execute('SELECT id FROM entries')}
     assert set(before_backup) <= saved
-    restored_dir = tmp_path / 'restored'
-    restored_dir.mkdir()
-    os.replace(copy, restored_dir / 'babytrack.db')
-    restored = Server(restored_dir)
-    try:
-        served = {e['id'] for e in AdminClient_for(restored).family(family['id'])['entries']}
-        assert set(before_backup) <= served and served == saved
-    finally:
-        restored.stop()
+    # Restore as the README says: the copy waits beside the database as .restore; restart.
+    write(device, 'add', entry('after-backup'))
+    os.replace(copy, server.db_path + '.restore')
+    assert server.stop() == 0
+    server.start()
+    served = {e['id'] for e in AdminClient_for(server).family(family['id'])['entries']}
+    assert served == saved and 'after-backup' not in served
+    assert any(name.startswith('babytrack.db.before-restore-') for name in os.listdir(server.directory))
+    assert not os.path.exists(server.db_path + '.restore')
+
+
+def test_a_damaged_restore_copy_is_refused(tmp_path):
+    (tmp_path / 'babytrack.db.restore').write_bytes(b'SQLite format 3\x00' + b'garbage' * 200)
+    with pytest.raises(AssertionError, match='integrity check'):
+        Server(tmp_path)
 
 
 def test_daily_snapshots_keep_the_newest(bt, monkeypatch, tmp_path):
