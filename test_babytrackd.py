@@ -556,6 +556,7 @@ def AdminClient_for(server):
     ({'type': 'entry', 'action': 'delete', 'id': 'ghost'}, 'no such entry'),
     ({'type': 'entry', 'action': 'update', 'entry': entry('a', deleted='yes')}, 'deleted must be true or false'),
     ({'type': 'config', 'data': 'buttons'}, 'config must be a list'),
+    (json.dumps({'type': 'entry', 'action': 'add', 'entry': entry('a', value='\ud800')}), 'valid Unicode'),
 ])
 def test_invalid_messages_are_refused_and_the_socket_stays_usable(server, family, devices, message, error):
     mum, dad = devices

@@ -1,0 +1,398 @@
+"""Benchmark babytrackd against a real server process on loopback; print a table and write JSON.
+
+    python bench_babytrackd.py [--json bench_results.json] [--load-seconds 60] [--sockets 1000]
+
+Not part of the test suite: it measures, it does not pass or fail (targets are printed beside
+each figure). The client side runs on gevent with websocket-client, the same client code for the
+babytrackd broadcast and for the floor (a bare gevent-websocket echo server on the same stack).
+"""
+
+from gevent import monkey
+monkey.patch_all()
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import bcrypt
+import gevent
+import websocket
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PASSWORD = 'bench-password'
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def rss_kb(pid):
+    with open(f'/proc/{pid}/status') as status:
+        for line in status:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    return 0
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class Server:
+    """babytrackd in its own process on a prepared database."""
+
+    def __init__(self, db_path):
+        self.port = free_port()
+        self.base = f'http://127.0.0.1:{self.port}'
+        env = dict(os.environ, PORT=str(self.port), HOST='127.0.0.1', DB_PATH=db_path, BACKUP_KEEP='0',
+                   ADMIN_PASS=bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode(),
+                   BASE_URL=f'http://127.0.0.1:{self.port}', LOG_LEVEL='error')
+        env.pop('BABYTRACKD_NO_PATCH', None)
+        started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'babytrackd.py')], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=1)
+                connection.request('GET', '/health')
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                gevent.sleep(0.002)
+        self.start_seconds = time.perf_counter() - started
+        self.cookie = self.login()
+
+    def login(self):
+        connection = http.client.HTTPConnection('127.0.0.1', self.port)
+        connection.request('POST', '/admin/login', json.dumps({'username': 'jane', 'password': PASSWORD}),
+                           {'Content-Type': 'application/json'})
+        answer = connection.getresponse()
+        answer.read()
+        return answer.getheader('Set-Cookie').split(';')[0]
+
+    def rss_kb(self):
+        return rss_kb(self.proc.pid)
+
+    def time_get(self, path, runs=20, accept='application/json'):
+        """Median milliseconds of `runs` GETs over one keep-alive connection."""
+        connection = http.client.HTTPConnection('127.0.0.1', self.port)
+        timings = []
+        for _ in range(runs + 2):
+            started = time.perf_counter()
+            connection.request('GET', path, headers={'Cookie': self.cookie, 'Accept': accept})
+            answer = connection.getresponse()
+            answer.read()
+            assert answer.status == 200, (path, answer.status)
+            timings.append((time.perf_counter() - started) * 1000)
+        return statistics.median(timings[2:])
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+
+
+def prepare_database(path, families, entries_in_big_family):
+    """Create families, links and a year of entries straight in SQLite (through the module's schema)."""
+    os.environ['DB_PATH'] = path
+    import babytrackd
+    babytrackd.open_db(path)
+    made = []
+    for number in range(families):
+        family = babytrackd.create_family(f'Family {number}', tz='Australia/Sydney')
+        links = [babytrackd.create_link(family['id'], f'device {d}')['token'] for d in range(5)]
+        made.append((family['id'], links))
+    big = made[0][0]
+    now = int(time.time() * 1000)
+    start = now - 365 * 24 * 3600 * 1000
+    step = (now - start) // entries_in_big_family
+    kinds = [('sleep', 'sleeping'), ('sleep', 'awake'), ('feed', 'bottle'), ('nappy', 'wet + dirty')]
+    rows = []
+    for number in range(entries_in_big_family):
+        kind, value = kinds[number % 4]
+        ts = start + number * step
+        rows.append((uuid.uuid4().hex, big, ts, kind, value, 0, ts, number + 1, 'device 0'))
+    with babytrackd.transaction():
+        babytrackd.db.executemany('INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by) '
+                                  'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)', rows)
+    babytrackd.db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    babytrackd.db.close()
+    return made
+
+
+class Client:
+    """One device: a websocket-client socket with a receiving greenlet that timestamps entries."""
+
+    def __init__(self, url, cookie=None, origin=None, on_message=None):
+        self.ws = websocket.create_connection(url, cookie=cookie, origin=origin, timeout=30,
+                                              sockopt=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self.on_message = on_message
+        self.first = self.ws.recv()
+        self.reader = gevent.spawn(self.read_loop)
+
+    def read_loop(self):
+        try:
+            while True:
+                text = self.ws.recv()
+                if not text:
+                    return
+                if self.on_message:
+                    self.on_message(self, text, time.perf_counter())
+        except Exception:
+            return
+
+    def close(self):
+        self.reader.kill()
+        self.ws.close()
+
+
+def echo_server(port):
+    """The floor: a bare gevent-websocket echo server on the same stack (TCP_NODELAY, pywsgi)."""
+    from gevent.pywsgi import WSGIServer
+    from geventwebsocket.handler import WebSocketHandler
+
+    class Handler(WebSocketHandler):
+        def handle(self):
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            super().handle()
+
+    def app(environ, start_response):
+        ws = environ['wsgi.websocket']
+        ws.send('{"type":"init"}')
+        while True:
+            message = ws.receive()
+            if message is None:
+                return []
+            ws.send(message)
+
+    WSGIServer(('127.0.0.1', port), app, handler_class=Handler, log=None).serve_forever()
+
+
+def measure_floor(samples):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, '--echo-server', str(port)])
+    try:
+        arrivals = {}
+
+        def record(client, text, at):
+            arrivals[json.loads(text)['id']] = at
+        for _ in range(200):
+            try:
+                client = Client(f'ws://127.0.0.1:{port}/', on_message=record)
+                break
+            except OSError:
+                gevent.sleep(0.01)
+        latencies = []
+        for number in range(samples):
+            key = f'f{number}'
+            started = time.perf_counter()
+            client.ws.send(json.dumps({'type': 'entry', 'id': key, 'value': 'x' * 40}))
+            while key not in arrivals:
+                gevent.sleep(0)
+            latencies.append((arrivals[key] - started) * 1000)
+        client.close()
+        return latencies
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run(args):
+    results, notes = {}, []
+    workdir = tempfile.mkdtemp(prefix='babytrackd-bench-')
+    db_path = os.path.join(workdir, 'babytrack.db')
+    families = prepare_database(db_path, args.sockets // 5, args.entries)
+    server = Server(db_path)
+    ws_base = f'ws://127.0.0.1:{server.port}/ws'
+    try:
+        results['start_seconds'] = server.start_seconds
+        gevent.sleep(0.5)
+        results['rss_idle_mb'] = server.rss_kb() / 1024
+
+        # Catch-up of the big family: everything, then a cursor 100 changes behind.
+        big_id, big_links = families[0]
+        cookie = f'bt_link={big_links[0]}'
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            ws = websocket.create_connection(f'{ws_base}?family={big_id}', cookie=cookie, origin=server.base)
+            init = json.loads(ws.recv())
+            timings.append((time.perf_counter() - started) * 1000)
+            ws.close()
+        results['catch_up_all_ms'] = statistics.median(timings)
+        results['catch_up_entries'] = len(init['entries'])
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            ws = websocket.create_connection(f"{ws_base}?family={big_id}&since={init['cursor'] - 100}",
+                                             cookie=cookie, origin=server.base)
+            behind = json.loads(ws.recv())
+            timings.append((time.perf_counter() - started) * 1000)
+            ws.close()
+        assert len(behind['entries']) == 100
+        results['catch_up_100_ms'] = statistics.median(timings)
+
+        # Pages and summaries.
+        last_day = time.strftime('%Y-%m-%d')
+        results['summary_ms'] = server.time_get(f'/admin/families/{big_id}/summary?date={last_day}')
+        results['dashboard_ms'] = server.time_get('/admin', accept='text/html')
+        results['dashboard_families'] = len(families)
+        results['detail_page_ms'] = server.time_get(f'/admin/families/{big_id}', accept='text/html')
+
+        # 1,000 sockets: 5 devices in each family.
+        arrivals = {}
+
+        def record(client, text, at):
+            message = json.loads(text)
+            if message.get('type') == 'entry':
+                arrivals.setdefault(message['entry']['id'], []).append(at)
+        clients = {}
+        for family_id, links in families:
+            clients[family_id] = [Client(f'{ws_base}?family={family_id}', cookie=f'bt_link={token}',
+                                         origin=server.base, on_message=record) for token in links]
+        gevent.sleep(1)
+        connected = sum(len(c) for c in clients.values())
+        results['sockets'] = connected
+        results['rss_sockets_mb'] = server.rss_kb() / 1024
+        results['kb_per_socket'] = (results['rss_sockets_mb'] - results['rss_idle_mb']) * 1024 / connected
+
+        # Broadcast latency: one write at a time, until all 5 devices of the family have it.
+        latencies = []
+        rng = random.Random(1)
+        family_ids = list(clients)
+        for number in range(args.samples):
+            family_id = rng.choice(family_ids)
+            sender = rng.choice(clients[family_id])
+            key = f'b{number}'
+            now = int(time.time() * 1000)
+            started = time.perf_counter()
+            sender.ws.send(json.dumps({'type': 'entry', 'action': 'add', 'entry': {
+                'id': key, 'ts': now, 'type': 'feed', 'value': 'bottle', 'updated_at': now}}))
+            while len(arrivals.get(key, ())) < 5:
+                gevent.sleep(0)
+            latencies.append((max(arrivals[key]) - started) * 1000)
+        results['broadcast_p50_ms'] = percentile(latencies, 0.5)
+        results['broadcast_p99_ms'] = percentile(latencies, 0.99)
+        floor = measure_floor(args.samples)
+        results['floor_p50_ms'] = percentile(floor, 0.5)
+        results['floor_p99_ms'] = percentile(floor, 0.99)
+        results['broadcast_to_floor_p99'] = results['broadcast_p99_ms'] / results['floor_p99_ms']
+
+        # Acknowledged writes per second: one device pipelined, then 10 devices in 10 families at once.
+        def pipelined(client, count, prefix):
+            now = int(time.time() * 1000)
+            for number in range(count):
+                client.ws.send(json.dumps({'type': 'entry', 'action': 'add', 'entry': {
+                    'id': f'{prefix}{number}', 'ts': now, 'type': 'feed', 'value': 'bottle', 'updated_at': now}}))
+            last = f'{prefix}{count - 1}'
+            while len(arrivals.get(last, ())) < 5:
+                gevent.sleep(0.001)
+        count = args.writes
+        started = time.perf_counter()
+        pipelined(clients[family_ids[1]][0], count, 'p')
+        results['writes_per_s_one_device'] = count / (time.perf_counter() - started)
+        started = time.perf_counter()
+        gevent.joinall([gevent.spawn(pipelined, clients[family_ids[2 + n]][0], count // 10, f'm{n}-')
+                        for n in range(10)])
+        results['writes_per_s_ten_devices'] = count / (time.perf_counter() - started)
+
+        # Load: every socket connected, 100 writes a second, RSS sampled.
+        if args.load_seconds:
+            samples, errors, sent = [], 0, 0
+            load_started = time.perf_counter()
+            next_sample = load_started
+            while time.perf_counter() - load_started < args.load_seconds:
+                family_id = rng.choice(family_ids)
+                now = int(time.time() * 1000)
+                try:
+                    rng.choice(clients[family_id]).ws.send(json.dumps({'type': 'entry', 'action': 'add', 'entry': {
+                        'id': f'l{sent}', 'ts': now, 'type': 'nappy', 'value': 'wet', 'updated_at': now}}))
+                    sent += 1
+                except Exception:
+                    errors += 1
+                if time.perf_counter() >= next_sample:
+                    samples.append(server.rss_kb() / 1024)
+                    next_sample += 5
+                gevent.sleep(max(0.0, load_started + sent / 100 - time.perf_counter()))
+            gevent.sleep(1)
+            delivered = sum(1 for n in range(sent) if len(arrivals.get(f'l{n}', ())) == 5)
+            results['load_seconds'] = args.load_seconds
+            results['load_writes'] = sent
+            results['load_errors'] = errors + (sent - delivered)
+            results['load_rss_first_mb'] = samples[1] if len(samples) > 1 else samples[0]
+            results['load_rss_last_mb'] = samples[-1]
+            results['load_rss_change_pct'] = 100 * (samples[-1] - results['load_rss_first_mb']) / results['load_rss_first_mb']
+        for group in clients.values():
+            for client in group:
+                client.close()
+    finally:
+        server.stop()
+    results['machine'] = f'{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}'
+    return results
+
+
+TARGETS = [
+    ('start_seconds', 'start-up to first /health 200', 's', '<= 1', lambda v: v <= 1),
+    ('rss_idle_mb', 'RSS idle', 'MB', '<= 35', lambda v: v <= 35),
+    ('rss_sockets_mb', 'RSS with all sockets', 'MB', '<= 80', lambda v: v <= 80),
+    ('kb_per_socket', 'memory per socket', 'KB', '', None),
+    ('broadcast_p50_ms', 'broadcast p50 (send -> all 5 devices)', 'ms', '', None),
+    ('broadcast_p99_ms', 'broadcast p99', 'ms', '<= 2', lambda v: v <= 2),
+    ('floor_p50_ms', 'floor p50 (bare echo, same client)', 'ms', '', None),
+    ('floor_p99_ms', 'floor p99', 'ms', '', None),
+    ('broadcast_to_floor_p99', 'broadcast p99 / floor p99', 'x', '<= 3', lambda v: v <= 3),
+    ('writes_per_s_one_device', 'acknowledged writes/s, one device pipelined', '/s', '>= 2000', lambda v: v >= 2000),
+    ('writes_per_s_ten_devices', 'acknowledged writes/s, 10 devices', '/s', '>= 2000', lambda v: v >= 2000),
+    ('catch_up_all_ms', 'catch-up since=0 (time to parsed init)', 'ms', '<= 300', lambda v: v <= 300),
+    ('catch_up_100_ms', 'catch-up 100 changes behind', 'ms', '', None),
+    ('summary_ms', 'day summary, 20k-entry family (median of 20)', 'ms', '<= 20', lambda v: v <= 20),
+    ('dashboard_ms', 'dashboard page (median of 20)', 'ms', '<= 50', lambda v: v <= 50),
+    ('detail_page_ms', 'family detail page, 20k entries (median of 20)', 'ms', '<= 50', lambda v: v <= 50),
+    ('load_rss_change_pct', 'RSS change under load', '%', 'within 10', lambda v: abs(v) <= 10),
+    ('load_errors', 'errors under load', '', '0', lambda v: v == 0),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--json', default='bench_results.json')
+    parser.add_argument('--sockets', type=int, default=1000)
+    parser.add_argument('--entries', type=int, default=20_000)
+    parser.add_argument('--samples', type=int, default=1000)
+    parser.add_argument('--writes', type=int, default=5000)
+    parser.add_argument('--load-seconds', type=int, default=60)
+    parser.add_argument('--echo-server', type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        return echo_server(args.echo_server)
+    results = run(args)
+    print(f"babytrackd benchmark on {results['machine']}")
+    print(f"{'measure':<50} {'value':>10}  {'target':<10} ok")
+    for key, label, unit, target, test in TARGETS:
+        if key in results:
+            value = results[key]
+            verdict = '' if test is None else ('yes' if test(value) else 'NO')
+            print(f'{label:<50} {value:>10.2f}{unit:<3} {target:<10} {verdict}')
+    print(f"sockets: {results['sockets']}, catch-up entries: {results['catch_up_entries']}, "
+          f"dashboard families: {results['dashboard_families']}")
+    with open(args.json, 'w') as out:
+        json.dump(results, out, indent=2)
+    print(f'results written to {args.json}')
+
+
+if __name__ == '__main__':
+    main()
