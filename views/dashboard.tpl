@@ -1,15 +1,61 @@
-%# Dashboard: expects families (with today), show_archived, csrf, username.
+%# Dashboard: expects families (family_overview rows with seen and states), show_archived, hm,
+%# zones, form (name, notes, tz of the Add client form), error (its message or None), csrf.
 % rebase('base.tpl', title='Clients')
 <main>
-<h1>Clients</h1>
-<ul>
-% for f in families:
-<li><a href="/admin/families/{{f['id']}}">{{f['name']}}</a></li>
+<div class="heading">
+  <h1>Clients</h1>
+  <p class="actions">
+% if show_archived:
+    <a href="/admin">Hide archived</a>
+% else:
+    <a href="/admin?archived=1">Show archived</a>
 % end
-</ul>
-<form method="post" action="/admin/families">
+  </p>
+</div>
+
+% if families:
+<table class="clients">
+<thead><tr><th>Client</th><th>Last activity</th><th>Now</th><th>Sleep today</th><th>Feeds</th><th>Nappies</th></tr></thead>
+<tbody>
+% for f in families:
+<tr>
+  <td class="client"><a href="/admin/families/{{f['id']}}">{{f['name']}}</a>
+% if f['archived']:
+    <span class="badge">archived</span>
+% end
+  </td>
+  <td data-label="Last activity">{{f['seen']}}</td>
+  <td data-label="Now">
+% for state in f['states']:
+    <span class="state">{{state}}</span>
+% end
+% if not f['states']:
+    <span class="muted">—</span>
+% end
+  </td>
+  <td data-label="Sleep today">{{hm(f['today']['sleep_minutes'])}}</td>
+  <td data-label="Feeds">{{f['today']['feeds']}}</td>
+  <td data-label="Nappies">{{f['today']['wet']}} wet · {{f['today']['dirty']}} dirty</td>
+</tr>
+% end
+</tbody>
+</table>
+% else:
+<p class="empty">No clients yet. Add the first one below.</p>
+% end
+
+<details class="card" id="add"{{' open' if error or not families else ''}}>
+<summary>Add client</summary>
+% if error:
+<p class="error" role="alert">{{error}}</p>
+% end
+<form method="post" action="/admin/families/new" class="stack">
 <input type="hidden" name="csrf" value="{{csrf}}">
-<label>Name <input name="name" required maxlength="200"></label>
-<button type="submit">Add client</button>
+<label>Name <input name="name" value="{{form['name']}}" required maxlength="200"></label>
+<label>Notes <textarea name="notes" rows="3" maxlength="10000">{{form['notes']}}</textarea></label>
+<label for="add-tz">Time zone</label>
+% include('tz_select.tpl', id='add-tz', selected=form['tz'])
+<button type="submit" class="primary">Add client</button>
 </form>
+</details>
 </main>

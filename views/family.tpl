@@ -1,5 +1,32 @@
-%# Family detail: expects family, date, summary, links, online, config, changes, csrf.
+%# Family page: expects family, date, prev, next, summary (hours with sleep), chart, links, online,
+%# config, changes, form (what each form shows), errors (section -> message), zones, now, csrf,
+%# and the formatters hm (minutes), clock (ms -> 19:42) and when (ms -> 'yesterday 19:42').
 % rebase('base.tpl', title=family['name'])
 <main>
-<h1>{{family['name']}}</h1>
+<div class="heading">
+  <div>
+    <p class="crumbs"><a href="/admin">Clients</a></p>
+    <h1>{{family['name']}}
+% if family['archived']:
+      <span class="badge">archived</span>
+% end
+    </h1>
+    <p class="muted">Times in {{family['tz']}}</p>
+  </div>
+  <p class="actions">
+    <a href="/admin/families/{{family['id']}}/export.csv">Export CSV</a>
+    <a href="/admin/families/{{family['id']}}/export.json">Export JSON</a>
+    <button type="button" class="link" data-print hidden>Print</button>
+  </p>
+</div>
+% if family['notes']:
+<p class="notes">{{family['notes']}}</p>
+% end
+% include('family_day.tpl')
+% include('family_chart.tpl')
+<div class="columns">
+% include('family_links.tpl')
+% include('family_activity.tpl')
+</div>
+% include('family_settings.tpl')
 </main>

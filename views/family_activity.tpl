@@ -1,0 +1,24 @@
+%# Recent activity (included by family.tpl): the latest changes, newest first, with the link that made each.
+<section id="activity" class="card">
+<h2>Recent activity</h2>
+% if not changes:
+<p class="muted">Nothing logged yet.</p>
+% else:
+<table class="activity">
+<thead><tr><th scope="col">Changed</th><th scope="col">Entry</th><th scope="col">By</th></tr></thead>
+<tbody>
+% for change in changes:
+<tr class="{{'deleted' if change['deleted'] else 'live'}}">
+  <td>{{when(change['updated_at'])}}</td>
+  <td><span class="event t-{{change['type']}}" title="{{change['type']}}">{{change['value']}}</span> <small class="muted">at {{when(change['ts'])}}</small>
+% if change['deleted']:
+    <span class="badge">deleted</span>
+% end
+  </td>
+  <td>{{change['by'] or '—'}}</td>
+</tr>
+% end
+</tbody>
+</table>
+% end
+</section>

@@ -1,0 +1,61 @@
+%# Family details, archive and the button editor (included by family.tpl).
+<div class="columns">
+<section id="details" class="card">
+<h2>Details</h2>
+% if 'details' in errors:
+<p class="error" role="alert">{{errors['details']}}</p>
+% end
+<form method="post" action="/admin/families/{{family['id']}}/edit#details" class="stack">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<label>Name <input name="name" value="{{form['name']}}" required maxlength="200"></label>
+<label>Notes <textarea name="notes" rows="4" maxlength="10000">{{form['notes']}}</textarea></label>
+<label for="family-tz">Time zone</label>
+% include('tz_select.tpl', id='family-tz', selected=form['tz'])
+<button type="submit" class="primary">Save details</button>
+</form>
+% if family['archived']:
+<form method="post" action="/admin/families/{{family['id']}}/edit#details" class="archive">
+  <input type="hidden" name="csrf" value="{{csrf}}">
+  <input type="hidden" name="archived" value="0">
+  <p class="muted">This client is archived. Unarchiving lets their links work again.</p>
+  <button type="submit">Unarchive client</button>
+</form>
+% else:
+<form method="post" action="/admin/families/{{family['id']}}/edit#details" class="archive"
+      data-confirm="Archive this client? Their links stop working and their devices are disconnected.">
+  <input type="hidden" name="csrf" value="{{csrf}}">
+  <input type="hidden" name="archived" value="1">
+  <p class="muted">Archiving ends tracking: links stop working and devices are disconnected. Nothing is deleted.</p>
+  <button type="submit" class="danger">Archive client</button>
+</form>
+% end
+</section>
+
+<section id="config" class="card">
+<h2>Buttons</h2>
+<p class="muted">What the family's app shows. Saving sends the new buttons to every open device at once.</p>
+<div class="groups">
+% for group in config:
+  <div class="group"><h3>{{group['category']}}
+% if group.get('stateful'):
+    <small>state</small>
+% end
+  </h3>
+% for button in group['buttons']:
+    <span class="chip{{' counted' if button.get('counted') else ''}}">{{button['label']}}</span>
+% end
+  </div>
+% end
+</div>
+% if 'config' in errors:
+<p class="error" role="alert">{{errors['config']}}</p>
+% end
+<form method="post" action="/admin/families/{{family['id']}}/config#config" class="stack">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<label>Button groups (JSON) <textarea name="config" rows="14" spellcheck="false" class="code">{{form['config']}}</textarea></label>
+<p class="hint">A list of groups: <code>{"category": "sleep", "stateful": true, "buttons": [{"label": "sleeping", "counted": true}]}</code>.
+A stateful group's entries set a state that lasts until the next one; <code>counted</code> states add up to minutes.</p>
+<button type="submit" class="primary">Save buttons</button>
+</form>
+</section>
+</div>
