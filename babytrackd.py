@@ -27,10 +27,14 @@ Chapters (each uses only those above it):
 # gevent must patch the standard library before anything imports socket, ssl or threading:
 # otherwise blocking calls would stall every greenlet in the process. The test suite imports this
 # module for WebTest next to a browser driver that needs real threads, so it opts out.
+# Nothing here speaks TLS (fly.io's proxy ends it), yet http.client, which bottle imports, would
+# load ssl and OpenSSL: 5 MB of a 256 MB machine. A None in sys.modules makes that import fail softly.
 import os
+import sys
 from gevent import monkey
 if not os.environ.get('BABYTRACKD_NO_PATCH'):
-    monkey.patch_all()
+    sys.modules.setdefault('ssl', None)
+    monkey.patch_all(ssl=False)
 
 import argparse
 import csv
@@ -46,7 +50,6 @@ import signal
 import socket
 import sqlite3
 import struct
-import sys
 import time
 import uuid
 import zoneinfo
@@ -259,9 +262,15 @@ def check_int(value, name):
     return value
 
 
+@functools.cache
+def time_zones():
+    """Return the IANA zone names, sorted (read from disk once)."""
+    return sorted(zoneinfo.available_timezones())
+
+
 def check_tz(value):
     """Return value if it names an IANA time zone, else raise Invalid."""
-    if not isinstance(value, str) or not value or value not in zoneinfo.available_timezones():
+    if not isinstance(value, str) or value not in time_zones():
         raise Invalid('tz must be an IANA time zone name such as Europe/London')
     return value
 
@@ -683,12 +692,6 @@ def hm(minutes):
     return f'{minutes} min' if minutes < 60 else f'{minutes // 60} h' + (f' {minutes % 60} min' if minutes % 60 else '')
 
 
-@functools.cache
-def time_zones():
-    """Return the IANA zone names, sorted (read from disk once)."""
-    return sorted(zoneinfo.available_timezones())
-
-
 ###############################################################################
 # Auth #########################################################################
 ###############################################################################
@@ -1054,10 +1057,26 @@ stats = dict.fromkeys(['requests_2xx', 'requests_3xx', 'requests_4xx', 'requests
                        'login_failures', 'slow_closed'], 0)
 
 
+def finite_float(text):
+    """JSON number hook: 1e999 would come back out as Infinity, which is not JSON."""
+    number = float(text)
+    if number in (float('inf'), float('-inf')):
+        raise ValueError('number out of range')
+    return number
+
+
+def not_json(name):
+    raise ValueError(f'{name} is not JSON')
+
+
+# Python's json accepts NaN and Infinity; a config holding one would go out to every browser as invalid JSON.
+STRICT_JSON = json.JSONDecoder(parse_float=finite_float, parse_constant=not_json)
+
+
 def parse_message(text):
     """Return a client message as a dict, or raise Invalid."""
     try:
-        message = json.loads(text)
+        message = STRICT_JSON.decode(text)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack allows
         raise Invalid('message is not valid JSON') from None
     if not isinstance(message, dict):
@@ -1129,6 +1148,7 @@ def serve_socket(ws, link, since):
                 peer.close(1000)
                 break
             stats['messages_in'] += 1
+            gevent.sleep(0)  # a device flushing its outbox must not starve the writers of the others
             message = None
             try:
                 message = parse_message(text)
@@ -1193,7 +1213,7 @@ def json_body():
         bottle.abort(413, 'Request body is over 64 KiB.')
     try:
         data = json.loads(raw or b'null')
-    except ValueError:
+    except (ValueError, RecursionError):
         bottle.abort(400, 'Body is not valid JSON.')
     if not isinstance(data, dict):
         bottle.abort(400, 'Body must be a JSON object.')
@@ -1480,10 +1500,8 @@ def admin_families_list():
 @admin_required
 def admin_families_create():
     """Create a family."""
-    data = form_or_json()
+    data = json_body()
     family = create_family(data.get('name'), data.get('notes') or '', data.get('tz') or None)
-    if not sends_json():
-        bottle.redirect(f"/admin/families/{family['id']}", 303)
     response.status = 201
     return family
 
@@ -1554,10 +1572,8 @@ def admin_family_summary(family_id):
 def admin_links_create(family_id):
     """Create a share link."""
     family_or_404(family_id)
-    data = form_or_json()
+    data = json_body()
     link = create_link(family_id, data.get('label'), data.get('expires_at'))
-    if not sends_json():
-        bottle.redirect(f'/admin/families/{family_id}#links', 303)
     response.status = 201
     return link
 

@@ -305,10 +305,17 @@ def test_link_validation(logged_in, body, message):
     assert message in answer.json['error']
 
 
-def test_json_writes_need_a_json_content_type(logged_in):
+@pytest.mark.parametrize('content_type', ['text/plain', 'application/x-www-form-urlencoded'])
+def test_json_writes_need_a_json_content_type(logged_in, content_type):
     answer = logged_in.post('/admin/families', 'name=A', headers={'Accept': 'application/json'},
-                            content_type='text/plain', status=415)
+                            content_type=content_type, status=415)
     assert 'application/json' in answer.json['error']
+    assert logged_in.get('/admin/families', headers=JSON).json['families'] == []
+
+
+def test_deeply_nested_json_is_refused(logged_in):
+    answer = logged_in.post('/admin/families', b'[' * 5000, content_type='application/json', status=400)
+    assert 'not valid JSON' in answer.json['error']
 
 
 @pytest.mark.parametrize('raw, message', [(b'{"name": ', 'not valid JSON'), (b'["A"]', 'must be a JSON object')])
@@ -335,10 +342,10 @@ def test_a_crash_is_a_plain_500_without_traceback(logged_in, bt, monkeypatch):
 def test_form_posts_need_the_csrf_token(logged_in):
     page = logged_in.get('/admin')
     token = re.search(r'name="csrf" value="([^"]+)"', page.text)[1]
-    logged_in.post('/admin/families', {'name': 'Forged'}, status=403)
-    logged_in.post('/admin/families', {'name': 'Forged', 'csrf': 'wrong'}, status=403)
+    logged_in.post('/admin/families/new', {'name': 'Forged'}, status=403)
+    logged_in.post('/admin/families/new', {'name': 'Forged', 'csrf': 'wrong'}, status=403)
     assert logged_in.get('/admin/families', headers=JSON).json['families'] == []
-    logged_in.post('/admin/families', {'name': 'Real', 'csrf': token}, status=303)
+    logged_in.post('/admin/families/new', {'name': 'Real', 'csrf': token}, status=303)
     assert [f['name'] for f in logged_in.get('/admin/families', headers=JSON).json['families']] == ['Real']
 
 
@@ -669,6 +676,17 @@ def test_a_device_that_stops_reading_does_not_delay_the_others(server, admin, fa
     stuck.close()
     assert gone, 'the stuck device was never closed'
     assert slowest < 0.5
+
+
+def test_a_device_flushing_a_long_outbox_does_not_get_the_others_closed(server, family, devices):
+    mum, dad = devices
+    for number in range(1000):  # back to back, as an outbox flush after a night offline
+        mum.add(f'o{number}', now_ms() - HOUR)
+    for device in (dad, mum):
+        device.recv_until(lambda m: m['type'] == 'entry' and m['entry']['id'] == 'o999', timeout=20)
+    assert len(stored_entries(server, family['id'])) == 1000
+    mum.send({'type': 'ping'})
+    mum.recv_until(lambda m: m['type'] == 'pong')
 
 
 def raw_websocket(server, family_id, token):
