@@ -102,6 +102,7 @@ LOGIN_FAILURES, LOGIN_WINDOW = 5, 15 * 60
 CLOCK_SKEW_MS = 5 * 60 * 1000
 DAY_MS = 24 * 3600 * 1000
 MIN_TS = 946684800000  # 2000-01-01T00:00:00Z
+MAX_TS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
 DEFAULT_CONFIG = [
     {'category': 'sleep', 'stateful': True, 'buttons': [
@@ -240,6 +241,17 @@ class Invalid(ValueError):
     """Input a person or device sent that we refuse; the message is shown to them."""
 
 
+def refuse_constant(name):
+    raise ValueError(f'{name} is not JSON')
+
+
+def parse_json(text):
+    """Parse JSON, refusing what Python's json reads but browsers and SQLite do not: NaN, Infinity, lone surrogates."""
+    data = json.loads(text, parse_constant=refuse_constant)
+    json.dumps(data, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError, on a lone surrogate
+    return data
+
+
 def check_text(value, name, low, high):
     """Return value if it is a string of low..high characters, else raise Invalid."""
     if not isinstance(value, str):
@@ -259,6 +271,13 @@ def check_int(value, name):
     """Return value if it is an integer (not a bool), else raise Invalid."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(f'{name} must be an integer')
+    return value
+
+
+def check_bool(value, name):
+    """Return value if it is true or false, else raise Invalid."""
+    if not isinstance(value, bool):
+        raise Invalid(f'{name} must be true or false')
     return value
 
 
@@ -295,24 +314,8 @@ def list_families(include_archived=False):
     return [dict(family_dict(r), last_activity=r['last_activity']) for r in found]
 
 
-def create_family(name, notes='', tz=None):
-    """Validate and store a new family; return it."""
-    name = check_text(name, 'name', 1, 200).strip()
-    if not name:
-        raise Invalid('name must not be empty')
-    notes = check_text(notes if notes is not None else '', 'notes', 0, 10_000)
-    tz = check_tz(tz or DEFAULT_TZ)
-    family_id = secrets.token_urlsafe(6)  # 8 url-safe characters
-    with transaction():
-        db.execute('INSERT INTO families (id, name, notes, created_at, archived, tz) VALUES (?, ?, ?, ?, 0, ?)',
-                   (family_id, name, notes, now_ms(), tz))
-    return get_family(family_id)
-
-
-def update_family(family_id, changes):
-    """Apply the allowed changes (name, notes, archived, tz) to a family; return it."""
-    if not isinstance(changes, dict):
-        raise Invalid('body must be a JSON object')
+def family_fields(changes):
+    """Return the valid family fields among name, notes, archived and tz, else raise Invalid."""
     unknown = set(changes) - {'name', 'notes', 'archived', 'tz'}
     if unknown:
         raise Invalid(f'unknown field: {sorted(unknown)[0]}')
@@ -324,11 +327,25 @@ def update_family(family_id, changes):
     if 'notes' in changes:
         fields['notes'] = check_text(changes['notes'], 'notes', 0, 10_000)
     if 'archived' in changes:
-        if not isinstance(changes['archived'], bool):
-            raise Invalid('archived must be true or false')
-        fields['archived'] = int(changes['archived'])
+        fields['archived'] = int(check_bool(changes['archived'], 'archived'))
     if 'tz' in changes:
         fields['tz'] = check_tz(changes['tz'])
+    return fields
+
+
+def create_family(name, notes='', tz=None):
+    """Validate and store a new family; return it."""
+    fields = family_fields({'name': name, 'notes': notes or '', 'tz': tz or DEFAULT_TZ})
+    family_id = secrets.token_urlsafe(6)  # 8 url-safe characters
+    with transaction():
+        db.execute('INSERT INTO families (id, name, notes, created_at, archived, tz) VALUES (?, ?, ?, ?, 0, ?)',
+                   (family_id, fields['name'], fields['notes'], now_ms(), fields['tz']))
+    return get_family(family_id)
+
+
+def update_family(family_id, changes):
+    """Apply the allowed changes (name, notes, archived, tz) to a family; return it."""
+    fields = family_fields(changes)
     if fields:
         assignments = ', '.join(f'{column} = ?' for column in fields)
         with transaction():
@@ -350,6 +367,8 @@ def create_link(family_id, label=None, expires_at=None):
         check_int(expires_at, 'expires_at')
         if expires_at <= now_ms():
             raise Invalid('expires_at must be in the future')
+        if expires_at > MAX_TS:
+            raise Invalid('expires_at must be before the year 10000')
     token = secrets.token_urlsafe(24)  # 32 url-safe characters
     with transaction():
         db.execute('INSERT INTO access_links (token, family_id, label, expires_at, created_at) VALUES (?, ?, ?, ?, ?)',
@@ -395,7 +414,11 @@ def get_config(family_id):
 
 def validate_config(data):
     """Return data if it is a valid list of button groups, else raise Invalid."""
-    if len(json.dumps(data)) > MAX_CONFIG:
+    try:  # Python's json reads NaN, Infinity and lone surrogates; browsers' would not
+        size = len(json.dumps(data, allow_nan=False, ensure_ascii=False).encode())
+    except (ValueError, RecursionError):
+        raise Invalid('config must be plain JSON: no NaN, Infinity or lone surrogates') from None
+    if size > MAX_CONFIG:
         raise Invalid('config must be at most 16 KiB')
     if not isinstance(data, list):
         raise Invalid('config must be a list of button groups')
@@ -407,9 +430,7 @@ def validate_config(data):
         if category in seen:
             raise Invalid(f'category "{category}" appears twice')
         seen.add(category)
-        for flag in ('stateful',):
-            if flag in group and not isinstance(group[flag], bool):
-                raise Invalid(f'group {number} {flag} must be true or false')
+        check_bool(group.get('stateful', False), f'group {number} stateful')
         buttons = group.get('buttons')
         if not isinstance(buttons, list) or not buttons:
             raise Invalid(f'group {number} must have a list of buttons')
@@ -418,8 +439,7 @@ def validate_config(data):
                 raise Invalid(f'group {number} button {place} must be an object')
             check_text(button.get('label'), f'group {number} button {place} label', 1, 64)
             for flag in ('timing', 'counted'):
-                if flag in button and not isinstance(button[flag], bool):
-                    raise Invalid(f'group {number} button {place} {flag} must be true or false')
+                check_bool(button.get(flag, False), f'group {number} button {place} {flag}')
     return data
 
 
@@ -500,9 +520,7 @@ def validate_entry_fields(entry, now, need_all):
     if 'value' in entry:
         fields['value'] = check_text(entry['value'], 'value', 0, 4096)
     if 'deleted' in entry:
-        if not isinstance(entry['deleted'], bool):
-            raise Invalid('deleted must be true or false')
-        fields['deleted'] = entry['deleted']
+        fields['deleted'] = check_bool(entry['deleted'], 'deleted')
     if entry.get('updated_at') is not None:
         if check_int(entry['updated_at'], 'updated_at') < 0:
             raise Invalid('updated_at must not be negative')
@@ -540,8 +558,8 @@ def apply_entry(family_id, action, message, by, now=None):
         fields = validate_entry_fields(message.get('entry'), now, action == 'add')
     else:
         raise Invalid('action must be add, update or delete')
-    updated_at = min(fields.get('updated_at', now), now + CLOCK_SKEW_MS)
-    if updated_at > now:
+    updated_at = fields.get('updated_at', now)
+    if updated_at > now + CLOCK_SKEW_MS:
         updated_at = now  # clock guard: a device far ahead of us is pulled back to our clock
     with transaction():
         stored = one('SELECT * FROM entries WHERE id = ?', fields['id'])
@@ -1057,35 +1075,14 @@ stats = dict.fromkeys(['requests_2xx', 'requests_3xx', 'requests_4xx', 'requests
                        'login_failures', 'slow_closed'], 0)
 
 
-def finite_float(text):
-    """JSON number hook: 1e999 would come back out as Infinity, which is not JSON."""
-    number = float(text)
-    if number in (float('inf'), float('-inf')):
-        raise ValueError('number out of range')
-    return number
-
-
-def not_json(name):
-    raise ValueError(f'{name} is not JSON')
-
-
-# Python's json accepts NaN and Infinity; a config holding one would go out to every browser as invalid JSON.
-STRICT_JSON = json.JSONDecoder(parse_float=finite_float, parse_constant=not_json)
-
-
 def parse_message(text):
     """Return a client message as a dict, or raise Invalid."""
     try:
-        message = STRICT_JSON.decode(text)
+        message = parse_json(text)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack allows
         raise Invalid('message is not valid JSON') from None
     if not isinstance(message, dict):
         raise Invalid('message must be a JSON object')
-    if '\\u' in text:  # an escape can smuggle in a lone surrogate: not text, SQLite and pages refuse it
-        try:
-            json.dumps(message, ensure_ascii=False).encode()
-        except (UnicodeEncodeError, RecursionError):
-            raise Invalid('message must be valid Unicode text') from None
     return message
 
 
@@ -1100,8 +1097,8 @@ def handle_message(peer, message):
         if outcome == 'accepted':
             stats['entries_accepted'] += 1
             hub.broadcast(peer.family_id, reply)
-        else:
-            peer.send(json.dumps(reply, separators=(',', ':')))
+        else:  # `stale` tells the app its write lost, so it can let the outbox item go
+            peer.send(json.dumps(dict(reply, stale=True) if outcome == 'stale' else reply, separators=(',', ':')))
     elif kind == 'config':
         data = save_config(peer.family_id, message.get('data'))
         hub.broadcast(peer.family_id, {'type': 'config', 'data': data})
@@ -1212,7 +1209,7 @@ def json_body():
     if len(raw) > MAX_BODY:
         bottle.abort(413, 'Request body is over 64 KiB.')
     try:
-        data = json.loads(raw or b'null')
+        data = parse_json(raw or b'null')
     except (ValueError, RecursionError):
         bottle.abort(400, 'Body is not valid JSON.')
     if not isinstance(data, dict):

@@ -480,7 +480,7 @@ def test_a_stale_update_changes_nothing_and_answers_its_sender(server, family, d
     newer = write(mum, 'add', entry('e', updated_at=now_ms()))
     dad.entry_echo('e')
     stale = write(dad, 'update', {'id': 'e', 'value': 'old edit', 'updated_at': newer['entry']['updated_at'] - 60_000})
-    assert stale['action'] == 'update' and stale['entry'] == newer['entry']
+    assert stale['action'] == 'update' and stale['entry'] == newer['entry'] and stale['stale'] is True
     mum.expect_silence()
     assert stored_entries(server, family['id'])[0]['value'] == 'bottle'
 
@@ -496,11 +496,15 @@ def test_equal_updated_at_ends_the_same_whatever_the_order(server, family, devic
     assert final['x'] == final['y'] == ('right', stamp)
 
 
-def test_a_far_future_updated_at_is_clamped(devices):
+def test_an_updated_at_more_than_5_minutes_ahead_is_clamped_and_a_nearer_one_kept(devices):
     mum, _ = devices
     before = now_ms()
     echo = write(mum, 'add', entry('future', updated_at=before + 24 * HOUR))
     assert before <= echo['entry']['updated_at'] <= now_ms()
+    echo = write(mum, 'add', entry('edge', updated_at=before + 5 * 60_000 + 10_000))
+    assert before <= echo['entry']['updated_at'] <= now_ms()
+    near = now_ms() + 2 * 60_000
+    assert write(mum, 'add', entry('near', updated_at=near))['entry']['updated_at'] == near
 
 
 def test_deletes_are_tombstones_under_last_write_wins(server, family, devices):
@@ -563,7 +567,7 @@ def AdminClient_for(server):
     ({'type': 'entry', 'action': 'delete', 'id': 'ghost'}, 'no such entry'),
     ({'type': 'entry', 'action': 'update', 'entry': entry('a', deleted='yes')}, 'deleted must be true or false'),
     ({'type': 'config', 'data': 'buttons'}, 'config must be a list'),
-    (json.dumps({'type': 'entry', 'action': 'add', 'entry': entry('a', value='\ud800')}), 'valid Unicode'),
+    (json.dumps({'type': 'entry', 'action': 'add', 'entry': entry('a', value='\ud800')}), 'not valid JSON'),
 ])
 def test_invalid_messages_are_refused_and_the_socket_stays_usable(server, family, devices, message, error):
     mum, dad = devices
