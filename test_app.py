@@ -13,12 +13,16 @@ import zoneinfo
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+import conftest
 from conftest import Device
 
 CHROMIUM = '/usr/bin/chromium'
 CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
 ONLINE = re.compile(r'^Online')
+# What Chromium itself logs when the server is down or answers a dead link's /app/me: not app errors.
+SERVER_DOWN = re.compile(r'net::ERR_CONNECTION_REFUSED|^WebSocket connection to .* failed')
+LINK_GONE = re.compile(r'^Failed to load resource: the server responded with a status of 410')
 
 
 @pytest.fixture(scope='module')
@@ -49,6 +53,10 @@ class Phones:
         expect(page).to_have_url(re.compile(r'/app/$'))
         expect(page.locator('#sync')).to_have_text(ONLINE, timeout=5000)
         return page
+
+    def app_errors(self, expected=None):
+        """The console errors, less those the browser logs for a reason the test caused."""
+        return [(name, text) for name, text in self.errors if not (expected and expected.search(text))]
 
     def close(self):
         for context in self.contexts:
@@ -205,6 +213,46 @@ def test_revoked_link_says_so_and_keeps_the_log_read_only(admin, family, phones)
     expect(mum.locator('#groups').get_by_role('button', name='bottle')).to_be_disabled()
     expect(dad.locator('#members')).not_to_contain_text("Mum's phone", timeout=3000)
     expect(dad.locator('#sync')).to_have_text('Online · all saved')
+
+    mum.reload()  # the log is still there, read-only, from IndexedDB
+    expect(mum.locator('#banner')).to_have_text(re.compile('^This link no longer works'), timeout=3000)
+    expect(row(mum, 'dirty')).to_have_count(1)
+    expect(mum.locator('#groups').get_by_role('button', name='bottle')).to_be_disabled()
+    assert phones.app_errors(expected=LINK_GONE) == []
+
+
+# -- server restarts, config changes ------------------------------------------------------------
+
+def test_the_app_reconnects_after_a_server_restart_and_sends_what_waited(server, admin, family, phones, monkeypatch):
+    mum = phones.open(admin.create_link(family['id'], "Mum's phone"))
+    port = server.port
+    server.stop()
+    expect(mum.locator('#sync')).to_have_text(re.compile(r'^(Offline|Connecting)'), timeout=3000)
+    tap(mum, 'awake')
+    expect(mum.locator('#sync')).to_have_text(re.compile(r'· 1 waiting$'))
+
+    monkeypatch.setattr(conftest, 'free_port', lambda: port)  # same origin, so the same app
+    server.start()
+    expect(mum.locator('#sync')).to_have_text('Online · all saved', timeout=20000)
+    assert [(e['value'], e['by']) for e in server_entries(admin, family['id'])] == [('awake', "Mum's phone")]
+    assert phones.app_errors(expected=SERVER_DOWN) == []
+
+
+def test_a_new_button_config_reaches_the_phone_as_plain_text(admin, family, phones):
+    mum = phones.open(admin.create_link(family['id'], "Mum's phone"))
+    hostile = '<img src=x onerror=alert(1)>'
+    admin.put_config(family['id'], [
+        {'category': 'sleep', 'stateful': True, 'buttons': [
+            {'label': 'down', 'timing': True, 'counted': True}, {'label': 'up', 'timing': True}]},
+        {'category': 'feed', 'buttons': [{'label': hostile}]}])
+    expect(mum.locator('#groups .log-button')).to_have_count(3, timeout=2000)
+    tap(mum, hostile)
+    expect(row(mum, hostile)).to_have_count(1)
+    expect(mum.locator('#log img')).to_have_count(0)
+    tap(mum, 'down')
+    expect(mum.locator('.state-label')).to_have_text('down')
+    expect(mum.locator('#total-feeds')).to_have_text('1')
+    expect(mum.locator('#sync')).to_have_text('Online · all saved')
     assert phones.errors == []
 
 

@@ -574,7 +574,9 @@ function renderLog(now) {
     }
     const [time, what, by] = li.firstChild.children;
     time.textContent = clockText(e.ts);
-    what.replaceChildren(el('span', {className: 'value', textContent: e.value}), el('span', {className: 'type', textContent: e.type}));
+    const tone = state.config.findIndex((g) => g.category === e.type);
+    what.replaceChildren(el('span', {className: `dot${tone < 0 ? '' : ` tone-${tone % 4}`}`}),
+      el('span', {className: 'value', textContent: e.value}), el('span', {className: 'type', textContent: ` (${e.type})`}));
     const waiting = state.outbox.has(e.id);
     by.textContent = waiting ? 'waiting to sync' : e.by || '';
     li.classList.toggle('waiting', waiting);
@@ -607,8 +609,8 @@ function buildEditor(entry) {
   return el('div', {className: 'editor'},
     el('label', {className: 'time-label'}, el('span', {textContent: 'Time'}), input),
     el('div', {className: 'nudges'},
-      action('−10 min', 'small', () => nudge(-10)), action('−5 min', 'small', () => nudge(-5)),
-      action('−1 min', 'small', () => nudge(-1)), action('+1 min', 'small', () => nudge(1))),
+      action('−10 min', 'nudge', () => nudge(-10)), action('−1 min', 'nudge', () => nudge(-1)),
+      action('+1 min', 'nudge', () => nudge(1))),
     el('div', {className: 'actions'},
       action('Save', 'primary', () => saveTime(entry.id, input.value)),
       action('Delete', 'danger', () => removeEntry(entry.id)),
@@ -765,8 +767,6 @@ function saveTime(id, value) {
 function toggleEditor(id) {
   state.editing = state.editing === id ? null : id;
   render();
-  const input = id && rows.get(id) && rows.get(id).querySelector('.time-input');
-  if (input) input.focus();
 }
 
 function setNursery(on) {
