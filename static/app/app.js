@@ -113,11 +113,16 @@ function zoneOffset(tz, ms) {
   return Date.UTC(p.year, p.month - 1, p.day, p.hour, p.minute, p.second) - Math.floor(ms / 1000) * 1000;
 }
 
-/** The instant at which zone `tz` shows the given wall-clock time (month is 1-12). */
+/** The instant at which zone `tz` shows the given wall-clock time (month is 1-12).
+ *  Like the server's zoneinfo (fold=0): a time that happens twice is the first one, and a time
+ *  skipped by a clock change (midnight in Santiago) is read with the offset before the change. */
 function instantOf(tz, year, month, day, hour = 0, minute = 0) {
   const wall = Date.UTC(year, month - 1, day, hour, minute);
-  const guess = wall - zoneOffset(tz, wall);
-  return wall - zoneOffset(tz, guess);
+  const before = zoneOffset(tz, wall - 86400000);
+  const after = zoneOffset(tz, wall + 86400000);
+  const early = wall - before;
+  const late = wall - after;
+  return zoneOffset(tz, early) === before || zoneOffset(tz, late) !== after ? early : late;
 }
 
 /** [local midnight, next local midnight) around instant `ms` in zone `tz`. */
@@ -367,6 +372,7 @@ function connect() {
   const ws = new WebSocket(url);
   let opened = false;
   socket = ws;
+  lastHeard = Date.now();
   state.conn = 'connecting';
   ws.onopen = () => {
     opened = true;
@@ -417,6 +423,10 @@ function reconnectNow() {
 
 /** Ping now and then; a socket that stays silent is a dead one (phones switch networks). */
 function beat() {
+  if (socket && state.conn === 'connecting' && Date.now() - lastHeard > HEARTBEAT_MS) {
+    dropSocket();   // a handshake that hangs (captive portal, half-open connection)
+    return retryLater();
+  }
   if (!socket || state.conn !== 'open') return;
   if (Date.now() - lastHeard > 3 * HEARTBEAT_MS) {
     dropSocket();
