@@ -6,6 +6,7 @@ Playwright's locator assertions (`expect`), each with a bounded timeout.
 """
 
 import datetime as dt
+import os
 import re
 import time
 import zoneinfo
@@ -16,6 +17,7 @@ from playwright.sync_api import expect, sync_playwright
 import conftest
 from conftest import Device
 
+APP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'static', 'app')
 CHROMIUM = '/usr/bin/chromium'
 CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
@@ -41,11 +43,14 @@ class Phones:
         self.contexts = []
         self.errors = []
 
-    def open(self, link):
-        """Open a share link on a fresh phone; return its page once it is online."""
+    def new_context(self):
         context = self.browser.new_context(viewport={'width': 360, 'height': 780})
         self.contexts.append(context)
-        page = context.new_page()
+        return context
+
+    def open(self, link, context=None):
+        """Open a share link on a fresh phone (or `context`); return its page once it is online."""
+        page = (context or self.new_context()).new_page()
         name = link['label']
         page.on('console', lambda message: message.type == 'error' and self.errors.append((name, message.text)))
         page.on('pageerror', lambda error: self.errors.append((name, str(error))))
@@ -253,6 +258,28 @@ def test_a_new_button_config_reaches_the_phone_as_plain_text(admin, family, phon
     expect(mum.locator('.state-label')).to_have_text('down')
     expect(mum.locator('#total-feeds')).to_have_text('1')
     expect(mum.locator('#sync')).to_have_text('Online · all saved')
+    assert phones.errors == []
+
+
+def test_the_service_worker_keeps_one_cache_holding_the_whole_shell(server, admin, family, phones):
+    version = re.search(r"^const VERSION = '([^']+)';$", open(os.path.join(APP_DIR, 'sw.js')).read(), re.M).group(1)
+    context = phones.new_context()
+    earlier = context.new_page()
+    earlier.goto(server.base_url + '/health')
+    earlier.evaluate("() => caches.open('babytrackd-app-0-old').then((c) => c.put('/app/', new Response('old')))")
+
+    mum = phones.open(admin.create_link(family['id'], "Mum's phone"), context)
+    wait_for_service_worker(mum)
+    caches = mum.evaluate("""async () => {
+        const found = {};
+        for (const name of await caches.keys()) {
+            const cache = await caches.open(name);
+            found[name] = (await cache.keys()).map((r) => new URL(r.url).pathname).sort();
+        }
+        return found;
+    }""")
+    shell = sorted('/app/' if name == 'index.html' else f'/app/{name}' for name in os.listdir(APP_DIR) if name != 'sw.js')
+    assert caches == {f'babytrackd-app-{version}': shell}
     assert phones.errors == []
 
 
