@@ -857,11 +857,6 @@ def frame(opcode, payload=b''):
     return Header.encode_header(True, opcode, b'', len(payload), 0) + payload
 
 
-def close_payload(code, reason):
-    """Return a close frame's payload: the code, then the reason in UTF-8."""
-    return struct.pack('!H', code) + reason.encode()[:120]
-
-
 class Peer:
     """One live WebSocket: its link, its send queue and its writer greenlet."""
 
@@ -906,7 +901,7 @@ class Peer:
     def close(self, code, reason=''):
         """Send a close frame with its code; the socket is shut down when the peer answers or after a second."""
         if self.closing_since is None:
-            self.send_frame(frame(OP_CLOSE, close_payload(code, reason)))
+            self.send_frame(frame(OP_CLOSE, struct.pack('!H', code) + reason.encode()[:120]))
             self.closing_since = time.monotonic()
 
     def shutdown(self):
@@ -1454,7 +1449,7 @@ def admin_logout():
         form_or_json()  # checks the CSRF token
     end_session(request.get_cookie(ADMIN_COOKIE))
     response.delete_cookie(ADMIN_COOKIE, path='/admin')
-    if sends_json() or wants_json():
+    if wants_json():
         return {'ok': True}
     bottle.redirect('/admin', 303)
 
@@ -1503,12 +1498,6 @@ def admin_families_create():
     return family
 
 
-def family_detail(family, limit=None):
-    """Return a family with its links, config and live entries."""
-    return dict(family, links=list_links(family['id']), config=get_config(family['id']),
-                entries=live_entries(family['id'], limit))
-
-
 @app.get('/admin/families/<family_id>')
 @admin_required
 def admin_family_show(family_id):
@@ -1518,7 +1507,8 @@ def admin_family_show(family_id):
     if limit is not None and not (limit.isdigit() and 0 < int(limit) <= 100_000):
         bottle.abort(400, 'limit must be a whole number from 1 to 100000.')
     if wants_json():
-        return family_detail(family, int(limit) if limit else None)
+        return dict(family, links=list_links(family_id), config=get_config(family_id),
+                    entries=live_entries(family_id, int(limit) if limit else None))
     return page('family', **family_page(family, request.query.get('date')))
 
 
