@@ -749,7 +749,7 @@ function logTap(category, label) {
   const entry = {id: newId(), ts: Date.now(), type: category, value: label, deleted: false,
     updated_at: 0, seq: 0, by: state.me && state.me.label ? state.me.label : 'this phone'};
   change(entry);
-  toast(`Logged ${label} at ${clockText(entry.ts)}`, () => setDeleted(entry.id, true));
+  toast(`Logged ${label} · ${clockText(entry.ts)}`, () => setDeleted(entry.id, true));
 }
 
 function setDeleted(id, deleted) {
@@ -763,7 +763,7 @@ function removeEntry(id) {
   if (!e) return;
   state.editing = null;
   setDeleted(id, true);
-  toast(`Deleted ${e.value} (${clockText(e.ts)})`, () => setDeleted(id, false));
+  toast(`Deleted ${e.value} · ${clockText(e.ts)}`, () => setDeleted(id, false));
 }
 
 function saveTime(id, value) {
