@@ -201,6 +201,35 @@ def test_edit_and_delete_with_undo_reach_the_other_phone(admin, family, phones):
     assert phones.errors == []
 
 
+def test_offline_edits_on_two_phones_converge_on_the_last_write(admin, family, phones):
+    mum = phones.open(admin.create_link(family['id'], "Mum's phone"))
+    dad = phones.open(admin.create_link(family['id'], "Dad's phone"))
+    tap(mum, 'bottle')
+    expect(row(dad, 'bottle')).to_have_count(1, timeout=1000)
+    mums, dads = phones.contexts
+    mums.set_offline(True)
+    dads.set_offline(True)
+    expect(mum.locator('#sync')).to_have_text(re.compile(r'^Offline'), timeout=5000)
+    expect(dad.locator('#sync')).to_have_text(re.compile(r'^Offline'), timeout=5000)
+
+    row(mum, 'bottle').locator('.entry-row').click()  # Mum moves it first...
+    mum.get_by_role('button', name='−10 min').click()
+    mum.get_by_role('button', name='Save').click()
+    expect(mum.locator('#sync')).to_have_text('Offline · 1 waiting')
+    row(dad, 'bottle').locator('.entry-row').click()  # ...then Dad deletes it: the later write
+    dad.get_by_role('button', name='Delete').click()
+    expect(dad.locator('#sync')).to_have_text('Offline · 1 waiting')
+
+    dads.set_offline(False)
+    expect(dad.locator('#sync')).to_have_text('Online · all saved', timeout=5000)
+    mums.set_offline(False)  # Mum's older edit loses; her outbox still drains
+    expect(mum.locator('#sync')).to_have_text('Online · all saved', timeout=5000)
+    expect(mum.locator('#log li')).to_have_count(0)
+    expect(dad.locator('#log li')).to_have_count(0)
+    assert server_entries(admin, family['id']) == []
+    assert phones.errors == []
+
+
 # -- 4. revocation ------------------------------------------------------------------------------
 
 def test_revoked_link_says_so_and_keeps_the_log_read_only(admin, family, phones):
