@@ -290,11 +290,12 @@ function flushOutbox() {
   for (const item of state.outbox.values()) send(item);
 }
 
-/** Apply an entry from the server. Returns the entry to store, or null when the local copy stays. */
-function applyRemote(e) {
+/** Apply an entry from the server (`stale`: its answer that our write lost). Returns the entry to
+ *  store, or null when the local copy stays. */
+function applyRemote(e, stale = false) {
   const item = state.outbox.get(e.id);
   if (item) {
-    if (e.updated_at >= item.entry.updated_at || sameFields(e, item.entry)) {
+    if (e.updated_at >= item.entry.updated_at || sameFields(e, item.entry) || stale) {
       state.outbox.delete(e.id);             // acknowledged (or overtaken by a newer write)
     } else {
       item.base = e;                          // an older write echoed: ours is still on its way
@@ -334,7 +335,7 @@ function onMessage(msg) {
   lastHeard = Date.now();
   if (msg.type === 'init') return onInit(msg);
   if (msg.type === 'entry' && msg.entry) {
-    const stored = applyRemote(msg.entry);
+    const stored = applyRemote(msg.entry, msg.stale === true);
     advanceCursor(msg.entry.seq);
     save({entries: stored ? [stored] : [], unqueue: stored ? [stored.id] : [], meta: {cursor: state.cursor}});
     render();
