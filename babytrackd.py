@@ -282,14 +282,19 @@ def check_bool(value, name):
 
 
 @functools.cache
+def zone_names():
+    """Return the set of IANA zone names (read from disk once)."""
+    return frozenset(zoneinfo.available_timezones())
+
+
 def time_zones():
-    """Return the IANA zone names, sorted (read from disk once)."""
-    return sorted(zoneinfo.available_timezones())
+    """Return the IANA zone names, sorted, for a select box."""
+    return sorted(zone_names())
 
 
 def check_tz(value):
     """Return value if it names an IANA time zone, else raise Invalid."""
-    if not isinstance(value, str) or value not in time_zones():
+    if not isinstance(value, str) or value not in zone_names():
         raise Invalid('tz must be an IANA time zone name such as Europe/London')
     return value
 
@@ -422,6 +427,8 @@ def validate_config(data):
         raise Invalid('config must be at most 16 KiB')
     if not isinstance(data, list):
         raise Invalid('config must be a list of button groups')
+    if len(data) > 20 or sum(1 for g in data if isinstance(g, dict) and g.get('stateful')) > 4:
+        raise Invalid('config may have at most 20 groups, 4 of them stateful')
     seen = set()
     for number, group in enumerate(data, start=1):
         if not isinstance(group, dict):
@@ -717,13 +724,14 @@ def hm(minutes):
 def hash_password(password):
     """Return the bcrypt hash of a password (runs in the threadpool)."""
     salt = bcrypt.gensalt(BCRYPT_ROUNDS)
-    return gevent.get_hub().threadpool.apply(bcrypt.hashpw, (password.encode(), salt)).decode()
+    return gevent.get_hub().threadpool.apply(bcrypt.hashpw, (password.encode()[:72], salt)).decode()
 
 
 def password_matches(password, password_hash):
     """Tell whether the password matches the bcrypt hash (runs in the threadpool)."""
     try:
-        return gevent.get_hub().threadpool.apply(bcrypt.checkpw, (password.encode(), password_hash.encode()))
+        # bcrypt reads 72 bytes at most; bcrypt 5 refuses longer passwords rather than cut them
+        return gevent.get_hub().threadpool.apply(bcrypt.checkpw, (password.encode()[:72], password_hash.encode()))
     except ValueError:
         return False
 
@@ -733,16 +741,23 @@ _DUMMY_HASH = None
 
 
 def ensure_admin(username=ADMIN_USER, password=ADMIN_PASS):
-    """Create or update the admin at start; return a generated password when one was made."""
-    generated = None
+    """Make `username` the one admin, with `password` when given (a new one ends every session);
+    return a generated password when one was made."""
+    generated, admin = None, one('SELECT * FROM admins WHERE username = ?', username)
     if password:
-        password_hash = password if password.startswith('$2') else hash_password(password)
-    elif one('SELECT 1 FROM admins WHERE username = ?', username):
-        return None
+        if admin and (admin['password_hash'] == password or password_matches(password, admin['password_hash'])):
+            password_hash = admin['password_hash']  # unchanged: sessions stay
+        else:
+            password_hash = password if password.startswith('$2') else hash_password(password)
+    elif admin:
+        password_hash = admin['password_hash']
     else:
         generated = secrets.token_urlsafe(12)
         password_hash = hash_password(generated)
     with transaction():
+        if not admin or password_hash != admin['password_hash']:
+            db.execute('DELETE FROM admin_sessions')
+        db.execute('DELETE FROM admins WHERE username != ?', (username,))
         db.execute("""INSERT INTO admins (id, username, password_hash, created_at) VALUES (?, ?, ?, ?)
                       ON CONFLICT(username) DO UPDATE SET password_hash = excluded.password_hash""",
                    (uuid.uuid4().hex, username, password_hash, now_ms()))
@@ -814,8 +829,16 @@ class RateLimiter:
     def fail(self, key, now=None):
         """Record one failure for the address."""
         now = time.monotonic() if now is None else now
+        if len(self.failures) > 10_000:  # many addresses: forget the ones whose window has passed
+            for other in list(self.failures):
+                self._recent(other, now)
         self._recent(key, now)
         self.failures.setdefault(key, deque()).append(now)
+
+    def forgive(self, key):
+        """Take back the address's latest failure (the attempt it stood for succeeded)."""
+        if self.failures.get(key):
+            self.failures[key].pop()
 
 
 login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
@@ -894,9 +917,10 @@ class Peer:
             return
         try:
             self.queue.put_nowait(data)
-        except gevent.queue.Full:
+        except gevent.queue.Full:  # it cannot keep up: drop what waits, say so, and let the tick end it
             stats['slow_closed'] += 1
-            self.shutdown()
+            self.queue.queue.clear()
+            self.close(CLOSE_TRY_AGAIN, 'too slow')
 
     def close(self, code, reason=''):
         """Send a close frame with its code; the socket is shut down when the peer answers or after a second."""
@@ -1139,6 +1163,8 @@ def serve_socket(ws, link, since):
             if text is None:
                 peer.close(1000)
                 break
+            if peer.closing_since is not None:
+                continue  # we said goodbye (revoked, expired, archived): read until it answers, act on nothing
             stats['messages_in'] += 1
             gevent.sleep(0)  # a device flushing its outbox must not starve the writers of the others
             message = None
@@ -1165,7 +1191,7 @@ request, response = bottle.request, bottle.response
 STATIC_ROOT = os.path.join(HERE, 'static')
 APP_ROOT = os.path.join(STATIC_ROOT, 'app')
 SECURITY_HEADERS = {
-    'Content-Security-Policy': "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+    'Content-Security-Policy': "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
                                "style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'",
     'X-Frame-Options': 'DENY',
     'Referrer-Policy': 'no-referrer',
@@ -1213,14 +1239,17 @@ def json_body():
 
 
 def form_or_json():
-    """Return the body as a dict, from JSON or an HTML form (whose CSRF token must be valid)."""
-    if sends_json():
-        return json_body()
+    """Return the body as a dict, from JSON or an HTML form."""
+    return json_body() if sends_json() else form_body()
+
+
+def form_body():
+    """Return an HTML form's fields once its CSRF token is checked (403); anything else gets 415."""
     if request.content_type.split(';')[0].strip().lower() not in ('application/x-www-form-urlencoded',
                                                                  'multipart/form-data'):
-        bottle.abort(415, 'Send JSON with Content-Type: application/json, or an HTML form.')
+        bottle.abort(415, 'Send this as an HTML form.')
     session = request.environ.get('babytrackd.session')
-    if session and not secrets.compare_digest(request.forms.get('csrf', ''), session['csrf']):
+    if session and not secrets.compare_digest(request.forms.get('csrf', '').encode(), session['csrf'].encode()):
         bottle.abort(403, 'This form has expired. Reload the page and try again.')
     return {key: request.forms.getunicode(key) for key in request.forms}
 
@@ -1229,7 +1258,7 @@ def client_address():
     """Return the client's address (fly.io's proxy header where we run behind it)."""
     if BEHIND_FLY_PROXY and request.get_header('Fly-Client-IP'):
         return request.get_header('Fly-Client-IP')
-    return request.remote_addr or '-'
+    return request.environ.get('REMOTE_ADDR') or '-'  # not bottle's remote_addr: it trusts X-Forwarded-For
 
 
 def same_origin(environ):
@@ -1392,9 +1421,8 @@ def pre_start_hook(handler):
     environ = handler.environ
     if environ.get('PATH_INFO') != '/ws':
         return True
-    link, problem = ws_link(environ)
-    environ['babytrackd.link'] = link
-    return problem is not None
+    environ['babytrackd.link'], environ['babytrackd.problem'] = ws_link(environ)
+    return environ['babytrackd.problem'] is not None
 
 
 @app.get('/ws')
@@ -1402,10 +1430,7 @@ def ws_sync():
     """The sync socket (see the Hub chapter); refused handshakes answer plain HTTP."""
     ws, link = request.environ.get('wsgi.websocket'), request.environ.get('babytrackd.link')
     if ws is None or link is None:
-        link, problem = ws_link(request.environ)
-        if problem:
-            bottle.abort(*problem)
-        bottle.abort(426, 'This address only speaks WebSocket.')
+        bottle.abort(*request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.'))
     serve_socket(ws, link, int(request.query.get('since', '0')))
     return ''
 
@@ -1430,11 +1455,12 @@ def admin_login():
 
     if login_limiter.blocked(address):
         return refuse(429, 'Too many failed logins. Try again in 15 minutes.')
+    login_limiter.fail(address)  # counted before bcrypt runs, so parallel guesses count too
     admin = authenticate(username, password)
     if admin is None:
-        login_limiter.fail(address)
         stats['login_failures'] += 1
         return refuse(401, 'Wrong username or password.')
+    login_limiter.forgive(address)
     response.set_cookie(ADMIN_COOKIE, create_session(admin['id']), path='/admin', httponly=True,
                         samesite='strict', secure=SECURE_COOKIES, max_age=SESSION_DAYS * 86400)
     if is_form:
@@ -1602,7 +1628,7 @@ def family_page(family, date_text, errors=None, typed=None):
 @admin_required
 def admin_family_add():
     """The dashboard's Add client form."""
-    data = form_or_json()
+    data = form_body()
     try:
         family = create_family(data.get('name', ''), data.get('notes', ''), data.get('tz') or None)
     except Invalid as error:
@@ -1615,9 +1641,7 @@ def family_form(family_id, section, act):
     """Run one form of the family page: act(family, form), then back to the page with 303;
     an Invalid shows the page again (400) with the message beside that form and what was typed."""
     family = family_or_404(family_id)
-    if sends_json():  # the JSON API has its own routes for all of this
-        bottle.abort(415, 'Send this as an HTML form.')
-    data = form_or_json()
+    data = form_body()  # the JSON API has its own routes for all of this
     try:
         act(family, data)
     except Invalid as error:
@@ -1708,6 +1732,7 @@ def admin_family_export(family_id, kind):
 ###############################################################################
 
 TOKEN_IN_PATH = re.compile(r'^(/t/|/admin/families/[^/]+/links/)[^/]+')
+SNAPSHOT = re.compile(r'babytrack-\d{4}-\d{2}-\d{2}\.db')  # a manual copy beside them is not rotated
 
 
 class JsonLines(logging.Formatter):
@@ -1799,7 +1824,7 @@ def backup_dir():
 def latest_backup():
     """Return the newest automatic snapshot's path, or None."""
     folder = backup_dir()
-    names = sorted(n for n in os.listdir(folder) if n.endswith('.db')) if os.path.isdir(folder) else []
+    names = sorted(n for n in os.listdir(folder) if SNAPSHOT.fullmatch(n)) if os.path.isdir(folder) else []
     return os.path.join(folder, names[-1]) if names else None
 
 
@@ -1812,7 +1837,7 @@ def daily_snapshot():
         backup_to(name + '.part')
         os.replace(name + '.part', name)
         log.info('snapshot written %s', os.path.basename(name))
-    for old in sorted(n for n in os.listdir(folder) if n.endswith('.db'))[:-BACKUP_KEEP]:
+    for old in sorted(n for n in os.listdir(folder) if SNAPSHOT.fullmatch(n))[:-BACKUP_KEEP]:
         os.remove(os.path.join(folder, old))
 
 

@@ -142,6 +142,41 @@ def test_login_is_rate_limited_per_address(web):
                   extra_environ={'REMOTE_ADDR': '10.0.0.2'}, status=200)
 
 
+def test_a_forwarded_for_header_does_not_dodge_the_rate_limit(web):
+    for number in range(5):
+        web.post_json('/admin/login', {'username': 'jane', 'password': 'nope'},
+                      headers={'X-Forwarded-For': f'203.0.113.{number}'}, status=401)
+    web.post_json('/admin/login', {'username': 'jane', 'password': 'nope'},
+                  headers={'X-Forwarded-For': '203.0.113.99'}, status=429)
+
+
+def test_parallel_guesses_count_before_bcrypt_runs(server):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(lambda _: AdminClient(server).call(
+            'POST', '/admin/login', {'username': 'jane', 'password': 'guess'})[0], range(20)))
+    assert statuses.count(401) == 5 and statuses.count(429) == 15
+
+
+def test_a_long_passphrase_works(bt, web):
+    passphrase = 'correct horse battery staple ' * 4  # 116 bytes: past bcrypt's 72
+    bt.ensure_admin('jane', passphrase)
+    web.post_json('/admin/login', {'username': 'jane', 'password': passphrase}, status=200)
+
+
+def test_a_new_password_ends_every_session_and_the_same_one_keeps_them(bt, logged_in):
+    bt.ensure_admin('jane', ADMIN_PASSWORD)  # a restart with the same ADMIN_PASS
+    logged_in.get('/admin/families', headers=JSON, status=200)
+    bt.ensure_admin('jane', 'a brand new passphrase')
+    logged_in.get('/admin/families', headers=JSON, status=401)
+
+
+def test_renaming_the_admin_retires_the_old_one(bt, web):
+    bt.ensure_admin('janet', 'her passphrase')
+    web.post_json('/admin/login', {'username': 'jane', 'password': ADMIN_PASSWORD}, status=401)
+    web.post_json('/admin/login', {'username': 'janet', 'password': 'her passphrase'}, status=200)
+
+
 def test_rate_limit_window_passes(bt):
     limiter = bt.RateLimiter(5, 900)
     for second in range(5):
@@ -268,6 +303,8 @@ def test_config_is_stored(logged_in):
     ([{'category': 'a', 'buttons': [{'label': 'b'}]}, {'category': 'a', 'buttons': [{'label': 'c'}]}],
      'appears twice'),
     ([{'category': 'a', 'buttons': [{'label': 'b' * 60}] * 300}], 'at most 16 KiB'),
+    ([{'category': f'c{n}', 'buttons': [{'label': 'b'}]} for n in range(21)], 'at most 20 groups'),
+    ([{'category': f'c{n}', 'stateful': True, 'buttons': [{'label': 'b'}]} for n in range(5)], '4 of them stateful'),
 ])
 def test_config_validation(logged_in, bt, data, message):
     family = make_family(logged_in)
@@ -347,6 +384,14 @@ def test_form_posts_need_the_csrf_token(logged_in):
     assert logged_in.get('/admin/families', headers=JSON).json['families'] == []
     logged_in.post('/admin/families/new', {'name': 'Real', 'csrf': token}, status=303)
     assert [f['name'] for f in logged_in.get('/admin/families', headers=JSON).json['families']] == ['Real']
+
+
+def test_a_strange_csrf_token_is_a_403_not_a_crash(logged_in):
+    logged_in.post('/admin/families/new', {'name': 'X', 'csrf': 'é'}, status=403)
+
+
+def test_form_routes_refuse_json(logged_in):
+    logged_in.post_json('/admin/families/new', {'name': 'X'}, status=415)
 
 
 def test_login_form_refuses_a_foreign_origin(web):
@@ -629,6 +674,19 @@ def test_revoking_a_link_closes_its_sockets_within_a_second(admin, family, devic
     assert mum.recv_until(lambda m: m['type'] == 'presence', timeout=1)['members'] == ['Mum']
 
 
+def test_a_revoked_device_cannot_write_while_its_socket_closes(server, admin, family, devices):
+    mum, dad = devices
+    admin.revoke_link(family['id'], family['dad'])
+    for number in range(5):
+        dad.add(f'late{number}', now_ms() - HOUR)
+    dad.send({'type': 'config', 'data': [{'category': 'x', 'buttons': [{'label': 'y'}]}]})
+    assert close_code(dad) == 4403
+    mum.recv_until(lambda m: m['type'] == 'presence' and m['members'] == ['Mum'])
+    mum.expect_silence(0.2)
+    assert stored_entries(server, family['id']) == []
+    assert admin.family(family['id'])['config'][0]['category'] == 'sleep'
+
+
 def test_archiving_a_family_closes_every_socket(admin, family, devices):
     started = time.monotonic()
     admin.update_family(family['id'], archived=True)
@@ -838,10 +896,13 @@ def test_daily_snapshots_keep_the_newest(bt, monkeypatch, tmp_path):
     folder.mkdir()
     for day in ('2020-01-01', '2020-01-02'):
         (folder / f'babytrack-{day}.db').write_bytes(b'')
+    (folder / 'manual.db').write_bytes(b'')  # a copy taken by hand is neither rotated nor counted
     bt.create_family('Snapshotted')
     bt.daily_snapshot()
     kept = sorted(os.listdir(folder))
-    assert len(kept) == 2 and kept[0] == 'babytrack-2020-01-02.db' and kept[1].startswith('babytrack-20')
+    assert len(kept) == 3 and kept[0] == 'babytrack-2020-01-02.db' and kept[1].startswith('babytrack-20')
+    assert kept[2] == 'manual.db'
+
     with sqlite3.connect(folder / kept[1]) as conn:
         assert conn.execute('SELECT name FROM families').fetchall() == [('Snapshotted',)]
     assert bt.latest_backup() == str(folder / kept[1])
