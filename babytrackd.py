@@ -34,7 +34,7 @@ import sys
 from gevent import monkey
 if not os.environ.get('BABYTRACKD_NO_PATCH'):
     sys.modules.setdefault('ssl', None)
-    monkey.patch_all(ssl=False)
+    monkey.patch_all(ssl=False, subprocess=False, dns=False)  # it spawns nothing and looks up no names
 
 import argparse
 import csv
@@ -60,7 +60,6 @@ import bcrypt
 import bottle
 import gevent
 import gevent.event
-import gevent.queue
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
@@ -98,6 +97,7 @@ MAX_BODY = 64 * 1024
 MAX_MESSAGE = 64 * 1024
 MAX_CONFIG = 16 * 1024
 SEND_QUEUE = 256
+WRITER_LINGER = 1.0  # seconds a socket's writer waits for more before it ends
 LOGIN_FAILURES, LOGIN_WINDOW = 5, 15 * 60
 CLOCK_SKEW_MS = 5 * 60 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -853,8 +853,9 @@ login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 #   `init` (entries since SEQ, config, members, cursor), and every other device gets `presence`.
 # - Each accepted write is committed first, then broadcast to every socket of the family, the
 #   sender included (its acknowledgement). Repeats and stale writes are answered to the sender.
-# - Every socket has one writer greenlet fed by a bounded queue: the only code that writes to it.
-#   A device whose queue is full is closed, so one slow phone never delays the others.
+# - Every socket has a bounded queue and at most one writer greenlet, started when something is
+#   queued and ended when the queue is empty: the only code that writes to it. A device whose queue
+#   is full is closed (1013), so one slow phone never delays the others.
 # - The hub ticks every second: it pings every WS_PING_INTERVAL, drops peers silent for three
 #   intervals, closes links that expired, and finishes closes the peer did not answer.
 # gevent-websocket reads frames without a size cap, answers control frames from the reading
@@ -883,26 +884,32 @@ def frame(opcode, payload=b''):
 class Peer:
     """One live WebSocket: its link, its send queue and its writer greenlet."""
 
-    __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer',
+    __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer', 'wake',
                  'last_heard', 'closing_since', 'closed')
 
     def __init__(self, ws, link):
         self.ws, self.sock = ws, ws.handler.socket
         self.family_id, self.token = link['family_id'], link['token']
         self.label, self.expires_at = link['label'] or 'device', link['expires_at']
-        self.queue = gevent.queue.Queue(SEND_QUEUE)
+        self.queue, self.wake = deque(), gevent.event.Event()
         self.last_heard = time.monotonic()
         self.closing_since = None
         self.closed = False
-        self.writer = gevent.spawn(self._write_loop)
+        self.writer = None
 
     def _write_loop(self):
+        """Write the queued frames in order; after a second with nothing to write, end (an idle
+        socket keeps no greenlet, ~10 KB each; a busy one keeps its writer)."""
         write = self.ws.stream.write
         try:
             while True:
-                data = self.queue.get()
-                write(data)
-                if data[0] & 0x0f == OP_CLOSE:
+                while self.queue:
+                    data = self.queue.popleft()
+                    write(data)
+                    if data[0] & 0x0f == OP_CLOSE:
+                        return
+                self.wake.clear()
+                if not self.wake.wait(WRITER_LINGER):
                     return
         except (OSError, AttributeError):
             self.shutdown()
@@ -912,15 +919,19 @@ class Peer:
         self.send_frame(frame(OP_TEXT, text.encode()))
 
     def send_frame(self, data):
-        """Queue one frame for the writer."""
+        """Queue one frame and make sure a writer runs; close the peer when it cannot keep up."""
         if self.closing_since is not None:
             return
-        try:
-            self.queue.put_nowait(data)
-        except gevent.queue.Full:  # it cannot keep up: drop what waits, say so, and let the tick end it
+        if len(self.queue) >= SEND_QUEUE:  # drop what waits, say why, and let the tick end it
             stats['slow_closed'] += 1
-            self.queue.queue.clear()
+            self.queue.clear()
             self.close(CLOSE_TRY_AGAIN, 'too slow')
+            return
+        self.queue.append(data)
+        if self.writer is None or self.writer.dead:
+            self.writer = gevent.spawn(self._write_loop)
+        else:
+            self.wake.set()
 
     def close(self, code, reason=''):
         """Send a close frame with its code; the socket is shut down when the peer answers or after a second."""
@@ -934,7 +945,7 @@ class Peer:
             return
         self.closed = True
         self.closing_since = self.closing_since or time.monotonic()
-        if gevent.getcurrent() is not self.writer:
+        if self.writer is not None and gevent.getcurrent() is not self.writer:
             self.writer.kill(block=False)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -1027,7 +1038,7 @@ class Hub:
             if not group:
                 del self.families[peer.family_id]
             self.presence(peer.family_id)
-        if peer.closing_since is not None and not peer.closed:
+        if peer.closing_since is not None and not peer.closed and peer.writer is not None:
             peer.writer.join(timeout=1)  # let the queued close frame go out first
         peer.shutdown()
 

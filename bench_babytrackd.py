@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import signal
+import site
 import socket
 import sqlite3
 import statistics
@@ -29,6 +30,7 @@ import uuid
 
 import bcrypt
 import gevent
+import gevent.event
 import websocket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,15 +59,18 @@ def percentile(values, fraction):
 class Server:
     """babytrackd in its own process on a prepared database."""
 
-    def __init__(self, db_path):
+    def __init__(self, db_path, no_pth=False):
         self.port = free_port()
         self.base = f'http://127.0.0.1:{self.port}'
         env = dict(os.environ, PORT=str(self.port), HOST='127.0.0.1', DB_PATH=db_path, BACKUP_KEEP='0',
                    ADMIN_PASS=bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode(),
                    BASE_URL=f'http://127.0.0.1:{self.port}', LOG_LEVEL='error')
         env.pop('BABYTRACKD_NO_PATCH', None)
+        python = [sys.executable]
+        if no_pth:  # site-packages on the path, but none of their .pth start-up hooks
+            python, env['PYTHONPATH'] = [sys.executable, '-S'], os.pathsep.join(site.getsitepackages())
         started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'babytrackd.py')], env=env,
+        self.proc = subprocess.Popen(python + [os.path.join(HERE, 'babytrackd.py')], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while True:
             try:
@@ -110,6 +115,7 @@ class Server:
 def prepare_database(path, families, entries_in_big_family):
     """Create families, links and a year of entries straight in SQLite (through the module's schema)."""
     os.environ['DB_PATH'] = path
+    os.environ['BABYTRACKD_NO_PATCH'] = '1'  # this process patched itself above
     import babytrackd
     babytrackd.open_db(path)
     made = []
@@ -133,6 +139,28 @@ def prepare_database(path, families, entries_in_big_family):
     babytrackd.db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
     babytrackd.db.close()
     return made
+
+
+class Arrivals:
+    """When each message id reached each device; wait_for blocks (no busy loop) until `count` have."""
+
+    def __init__(self):
+        self.times, self.waiting = {}, {}
+
+    def record(self, key, at):
+        times = self.times.setdefault(key, [])
+        times.append(at)
+        waiter = self.waiting.get(key)
+        if waiter and len(times) >= waiter[0]:
+            waiter[1].set()
+
+    def wait_for(self, key, count, timeout=10):
+        if len(self.times.get(key, ())) < count:
+            self.waiting[key] = (count, gevent.event.Event())
+            if not self.waiting[key][1].wait(timeout):
+                raise TimeoutError(f'{key}: {len(self.times.get(key, ()))} of {count} arrived')
+            del self.waiting[key]
+        return self.times[key]
 
 
 class Client:
@@ -187,10 +215,10 @@ def measure_floor(samples):
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, '--echo-server', str(port)])
     try:
-        arrivals = {}
+        arrivals = Arrivals()
 
         def record(client, text, at):
-            arrivals[json.loads(text)['id']] = at
+            arrivals.record(json.loads(text)['id'], at)
         for _ in range(200):
             try:
                 client = Client(f'ws://127.0.0.1:{port}/', on_message=record)
@@ -202,9 +230,7 @@ def measure_floor(samples):
             key = f'f{number}'
             started = time.perf_counter()
             client.ws.send(json.dumps({'type': 'entry', 'id': key, 'value': 'x' * 40}))
-            while key not in arrivals:
-                gevent.sleep(0)
-            latencies.append((arrivals[key] - started) * 1000)
+            latencies.append((arrivals.wait_for(key, 1)[0] - started) * 1000)
         client.close()
         return latencies
     finally:
@@ -221,7 +247,7 @@ def run(args):
     workdir = tempfile.mkdtemp(prefix='babytrackd-bench-')
     db_path = os.path.join(workdir, 'babytrack.db')
     families = prepare_database(db_path, args.sockets // 5, args.entries)
-    server = Server(db_path)
+    server = Server(db_path, args.no_pth)
     ws_base = f'ws://127.0.0.1:{server.port}/ws'
     try:
         results['start_seconds'] = server.start_seconds
@@ -263,19 +289,19 @@ def run(args):
 
         phase('connecting sockets')
         # 1,000 sockets: 5 devices in each family.
-        arrivals = {}
+        arrivals = Arrivals()
         gevent.sleep(0.5)
         before_sockets = server.rss_kb() / 1024
 
         def record(client, text, at):
             message = json.loads(text)
             if message.get('type') == 'entry':
-                arrivals.setdefault(message['entry']['id'], []).append(at)
+                arrivals.record(message['entry']['id'], at)
         clients = {}
         for family_id, links in families:
             clients[family_id] = [Client(f'{ws_base}?family={family_id}', cookie=f'bt_link={token}',
                                          origin=server.base, on_message=record) for token in links]
-        gevent.sleep(1)
+        gevent.sleep(2)  # settled: writers of idle sockets have ended
         connected = sum(len(c) for c in clients.values())
         results['sockets'] = connected
         results['rss_sockets_mb'] = server.rss_kb() / 1024
@@ -294,9 +320,7 @@ def run(args):
             started = time.perf_counter()
             sender.ws.send(json.dumps({'type': 'entry', 'action': 'add', 'entry': {
                 'id': key, 'ts': now, 'type': 'feed', 'value': 'bottle', 'updated_at': now}}))
-            while len(arrivals.get(key, ())) < 5:
-                gevent.sleep(0)
-            latencies.append((max(arrivals[key]) - started) * 1000)
+            latencies.append((max(arrivals.wait_for(key, 5)) - started) * 1000)
         results['broadcast_p50_ms'] = percentile(latencies, 0.5)
         results['broadcast_p99_ms'] = percentile(latencies, 0.99)
         floor = measure_floor(args.samples)
@@ -312,8 +336,7 @@ def run(args):
                 client.ws.send(json.dumps({'type': 'entry', 'action': 'add', 'entry': {
                     'id': f'{prefix}{number}', 'ts': now, 'type': 'feed', 'value': 'bottle', 'updated_at': now}}))
             last = f'{prefix}{count - 1}'
-            while len(arrivals.get(last, ())) < 5:
-                gevent.sleep(0.001)
+            arrivals.wait_for(last, 5, timeout=60)
         count = args.writes
         started = time.perf_counter()
         pipelined(clients[family_ids[1]][0], count, 'p')
@@ -343,7 +366,7 @@ def run(args):
                     next_sample += 5
                 gevent.sleep(max(0.0, load_started + sent / 100 - time.perf_counter()))
             gevent.sleep(1)
-            delivered = sum(1 for n in range(sent) if len(arrivals.get(f'l{n}', ())) == 5)
+            delivered = sum(1 for n in range(sent) if len(arrivals.times.get(f'l{n}', ())) == 5)
             results['load_seconds'] = args.load_seconds
             results['load_writes'] = sent
             results['load_errors'] = errors + (sent - delivered)
@@ -356,6 +379,11 @@ def run(args):
     finally:
         server.stop()
     results['machine'] = f'{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}'
+    results['no_pth'] = args.no_pth
+    probe = subprocess.Popen([sys.executable] + (['-S'] if args.no_pth else []) + ['-c', 'import time; time.sleep(1)'])
+    time.sleep(0.5)
+    results['python_alone_mb'] = rss_kb(probe.pid) / 1024
+    probe.wait()
     return results
 
 
@@ -389,12 +417,15 @@ def main():
     parser.add_argument('--samples', type=int, default=1000)
     parser.add_argument('--writes', type=int, default=5000)
     parser.add_argument('--load-seconds', type=int, default=60)
+    parser.add_argument('--no-pth', action='store_true',
+                        help="start the server without site-packages' .pth hooks (some machines add MBs there)")
     parser.add_argument('--echo-server', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
         return echo_server(args.echo_server)
     results = run(args)
-    print(f"babytrackd benchmark on {results['machine']}")
+    print(f"babytrackd benchmark on {results['machine']}; a bare python process here: "
+          f"{results['python_alone_mb']:.1f} MB{' (no .pth hooks)' if results['no_pth'] else ''}")
     print(f"{'measure':<50} {'value':>10}  {'target':<10} ok")
     for key, label, unit, target, test in TARGETS:
         if key in results:
