@@ -27,19 +27,22 @@ Chapters (each uses only those above it):
 # gevent must patch the standard library before anything imports socket, ssl or threading:
 # otherwise blocking calls would stall every greenlet in the process. The test suite imports this
 # module for WebTest next to a browser driver that needs real threads, so it opts out.
-# Nothing here speaks TLS (fly.io's proxy ends it), yet http.client, which bottle imports, would
-# load ssl and OpenSSL: 5 MB of a 256 MB machine. A None in sys.modules makes that import fail softly.
+# Nothing here speaks TLS (fly.io's proxy ends it), yet http.client (which bottle imports) and
+# hmac (which secrets imports) would load OpenSSL through ssl and _hashlib: 8 MB of a 256 MB
+# machine. A None in sys.modules makes those imports fail softly; hashlib falls back to its own SHA-256.
 import os
 import sys
 from gevent import monkey
 if not os.environ.get('BABYTRACKD_NO_PATCH'):
     sys.modules.setdefault('ssl', None)
+    sys.modules.setdefault('_hashlib', None)
     monkey.patch_all(ssl=False, subprocess=False, dns=False)  # it spawns nothing and looks up no names
 
 import argparse
 import csv
 import datetime as dt
 import functools
+import gc
 import hashlib
 import io
 import json
@@ -1177,7 +1180,6 @@ def serve_socket(ws, link, since):
             if peer.closing_since is not None:
                 continue  # we said goodbye (revoked, expired, archived): read until it answers, act on nothing
             stats['messages_in'] += 1
-            gevent.sleep(0)  # a device flushing its outbox must not starve the writers of the others
             message = None
             try:
                 message = parse_message(text)
@@ -1185,6 +1187,7 @@ def serve_socket(ws, link, since):
             except Invalid as error:
                 stats['messages_refused'] += 1
                 peer.send(refusal(error, message))
+            gevent.sleep(0)  # let the writers send this before a device flushing its outbox goes on
     finally:
         hub.leave(peer)
         ws.closed = True  # we sent our own close frame; gevent-websocket must not send another
@@ -1905,6 +1908,7 @@ def serve(host=HOST, port=PORT):
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
     server.start()
+    gc.freeze()  # what start-up made lives for good: keep it out of every later collection's scan
     hub.start()
     gevent.spawn(maintenance_loop)
     log.info('babytrackd %s listening on %s:%s', VERSION, host, server.server_port)
