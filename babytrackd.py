@@ -575,19 +575,16 @@ def apply_entry(family_id, action, message, by, now=None):
         stored = one('SELECT * FROM entries WHERE id = ?', fields['id'])
         if stored and stored['family_id'] != family_id:
             raise Invalid('entry id is already in use')
-        if stored is None:
-            if not all(name in fields for name in ('ts', 'type', 'value')):
-                raise Invalid('no such entry')
-            new = {'ts': fields['ts'], 'type': fields['type'], 'value': fields['value'],
-                   'deleted': fields.get('deleted', False), 'updated_at': updated_at}
-        else:
-            new = {name: fields.get(name, bool(stored[name]) if name == 'deleted' else stored[name])
-                   for name in ENTRY_FIELDS}
-            new['updated_at'] = updated_at
-            if all(new[name] == (bool(stored[name]) if name == 'deleted' else stored[name]) for name in ENTRY_FIELDS):
-                return 'repeat', action, entry_dict(stored)
-            if not wins(new, stored):
-                return 'stale', 'update', entry_dict(stored)
+        stored = entry_dict(stored) if stored else None
+        old = {name: stored[name] for name in ENTRY_FIELDS} if stored else {'deleted': False}
+        new = {**old, **{name: fields[name] for name in ENTRY_FIELDS if name in fields}}
+        if len(new) < len(ENTRY_FIELDS):
+            raise Invalid('no such entry')
+        if stored and new == old:
+            return 'repeat', action, stored
+        new['updated_at'] = updated_at
+        if stored and not wins(new, stored):
+            return 'stale', 'update', stored
         seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]
         db.execute("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -595,7 +592,7 @@ def apply_entry(family_id, action, message, by, now=None):
                         deleted = excluded.deleted, updated_at = excluded.updated_at, seq = excluded.seq, by = excluded.by""",
                    (fields['id'], family_id, new['ts'], new['type'], new['value'], int(new['deleted']),
                     new['updated_at'], seq, by))
-    entry = {'id': fields['id'], **new, 'deleted': bool(new['deleted']), 'seq': seq, 'by': by}
+    entry = {'id': fields['id'], **new, 'seq': seq, 'by': by}
     kind = 'add' if stored is None else 'delete' if new['deleted'] else 'update'
     return 'accepted', kind, entry
 
