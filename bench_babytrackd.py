@@ -21,7 +21,6 @@ import random
 import signal
 import site
 import socket
-import sqlite3
 import statistics
 import struct
 import subprocess
