@@ -1043,10 +1043,10 @@ class Hub:
         peer.shutdown()
 
     def broadcast(self, family_id, message):
-        """Send one message to every socket of the family (encoded once)."""
-        text = json.dumps(message, separators=(',', ':'))
+        """Send one message to every socket of the family (encoded and framed once)."""
+        data = frame(OP_TEXT, json.dumps(message, separators=(',', ':')).encode())
         for peer in self.peers(family_id):
-            peer.send(text)
+            peer.send_frame(data)
         stats['messages_out'] += len(self.families.get(family_id, ()))
 
     def presence(self, family_id):
