@@ -437,6 +437,18 @@ def run(args):
     return results
 
 
+def long_reliability_runs(seeds):
+    """The reliability tests at bench length: hundreds of convergence seeds, more crash rounds."""
+    phase(f'convergence with {seeds} seeds, crash with {max(3, seeds // 20)} rounds')
+    env = dict(os.environ, BABYTRACKD_SEEDS=str(seeds), BABYTRACKD_CRASH_ROUNDS=str(max(3, seeds // 20)))
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'test_reliability.py',
+                           '-k', 'converge or crash'], cwd=HERE, env=env, capture_output=True, text=True)
+    summary = (done.stdout.strip().splitlines() or ['no output'])[-1]
+    return {'reliability_seeds': seeds, 'reliability_seconds': time.perf_counter() - started,
+            'reliability_failed': 0 if done.returncode == 0 else 1, 'reliability_summary': summary}
+
+
 TARGETS = [
     ('start_seconds', 'start-up to first /health 200', 's', '<= 1', lambda v: v <= 1),
     ('rss_idle_mb', 'RSS idle', 'MB', '<= 35', lambda v: v <= 35),
@@ -456,6 +468,7 @@ TARGETS = [
     ('detail_page_ms', 'family detail page, 20k entries (median of 20)', 'ms', '<= 50', lambda v: v <= 50),
     ('load_rss_change_pct', 'RSS change under load', '%', 'within 10', lambda v: abs(v) <= 10),
     ('load_errors', 'errors under load', '', '0', lambda v: v == 0),
+    ('reliability_failed', 'long convergence + crash runs failed', '', '0', lambda v: v == 0),
 ]
 
 
@@ -467,6 +480,8 @@ def main():
     parser.add_argument('--samples', type=int, default=1000)
     parser.add_argument('--writes', type=int, default=5000)
     parser.add_argument('--load-seconds', type=int, default=60)
+    parser.add_argument('--convergence-seeds', type=int, default=300,
+                        help='seeds for the long convergence and crash runs of test_reliability.py (0: skip)')
     parser.add_argument('--no-pth', action='store_true',
                         help="start the server without site-packages' .pth hooks (some machines add MBs there)")
     parser.add_argument('--echo-server', type=int, help=argparse.SUPPRESS)
@@ -474,6 +489,8 @@ def main():
     if args.echo_server:
         return echo_server(args.echo_server)
     results = run(args)
+    if args.convergence_seeds:
+        results.update(long_reliability_runs(args.convergence_seeds))
     print(f"babytrackd benchmark on {results['machine']}; a bare python process here: "
           f"{results['python_alone_mb']:.1f} MB{' (no .pth hooks)' if results['no_pth'] else ''}")
     print(f"{'measure':<50} {'value':>10}  {'target':<10} ok")
@@ -484,6 +501,9 @@ def main():
             print(f'{label:<50} {value:>10.2f}{unit:<3} {target:<10} {verdict}')
     print(f"sockets: {results['sockets']}, catch-up entries: {results['catch_up_entries']}, "
           f"dashboard families: {results['dashboard_families']}")
+    if 'reliability_summary' in results:
+        print(f"reliability at {results['reliability_seeds']} seeds: {results['reliability_summary']} "
+              f"({results['reliability_seconds']:.0f} s)")
     with open(args.json, 'w') as out:
         json.dump(results, out, indent=2)
     print(f'results written to {args.json}')
