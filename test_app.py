@@ -171,10 +171,11 @@ def test_offline_taps_survive_a_reload_and_sync_exactly_once(admin, family, phon
 # -- 3. edit and delete -------------------------------------------------------------------------
 
 def test_edit_and_delete_with_undo_reach_the_other_phone(admin, family, phones):
+    # Latency is the first test's business; here a loaded machine may take longer than a second.
     mum = phones.open(admin.create_link(family['id'], "Mum's phone"))
     dad = phones.open(admin.create_link(family['id'], "Dad's phone"))
     tap(mum, 'breast left')
-    expect(row(dad, 'breast left')).to_have_count(1, timeout=1000)
+    expect(row(dad, 'breast left')).to_have_count(1, timeout=5000)
     logged_at = row(mum, 'breast left').locator('.time').inner_text()
 
     row(mum, 'breast left').locator('.entry-row').click()
@@ -182,20 +183,20 @@ def test_edit_and_delete_with_undo_reach_the_other_phone(admin, family, phones):
     mum.get_by_role('button', name='Save').click()
     edited_at = row(mum, 'breast left').locator('.time').inner_text()
     assert edited_at != logged_at
-    expect(row(dad, 'breast left').locator('.time')).to_have_text(edited_at, timeout=1000)
+    expect(row(dad, 'breast left').locator('.time')).to_have_text(edited_at, timeout=5000)
     [entry] = server_entries(admin, family['id'])
     assert 9 * 60000 <= entry['updated_at'] - entry['ts'] <= 11 * 60000
 
     row(dad, 'breast left').locator('.entry-row').click()
     dad.get_by_role('button', name='Delete').click()
     expect(dad.locator('#log li')).to_have_count(0)
-    expect(mum.locator('#log li')).to_have_count(0, timeout=1000)
+    expect(mum.locator('#log li')).to_have_count(0, timeout=5000)
     expect(mum.locator('#total-feeds')).to_have_text('0')
     expect(dad.locator('#sync')).to_have_text('Online · all saved')
     assert server_entries(admin, family['id']) == []
 
     dad.get_by_role('button', name='Undo').click()
-    expect(row(mum, 'breast left').locator('.time')).to_have_text(edited_at, timeout=1000)
+    expect(row(mum, 'breast left').locator('.time')).to_have_text(edited_at, timeout=5000)
     expect(dad.locator('#sync')).to_have_text('Online · all saved')
     assert [e['value'] for e in server_entries(admin, family['id'])] == ['breast left']
     assert phones.errors == []
@@ -205,7 +206,7 @@ def test_offline_edits_on_two_phones_converge_on_the_last_write(admin, family, p
     mum = phones.open(admin.create_link(family['id'], "Mum's phone"))
     dad = phones.open(admin.create_link(family['id'], "Dad's phone"))
     tap(mum, 'bottle')
-    expect(row(dad, 'bottle')).to_have_count(1, timeout=1000)
+    expect(row(dad, 'bottle')).to_have_count(1, timeout=5000)
     mums, dads = phones.contexts
     mums.set_offline(True)
     dads.set_offline(True)
