@@ -1006,11 +1006,10 @@ class Hub:
 
     def __init__(self):
         self.families = {}  # family id -> set of Peer
-        self.ticker = None
 
     def start(self):
         """Start the once-a-second heartbeat."""
-        self.ticker = gevent.spawn(self._tick_loop)
+        gevent.spawn(self._tick_loop)
 
     def peers(self, family_id=None):
         """Return a copy of the family's peers (or every peer), safe to iterate while others change."""
@@ -1491,10 +1490,9 @@ def admin_logout():
     bottle.redirect('/admin', 303)
 
 
-def family_overview(family, now):
-    """Return a family's dashboard row: the family, its last activity and today's totals."""
-    today = day_summary(family, local_today(family['tz'], now), now)
-    return dict(family, today=today['totals'], summary=today)
+def family_today(family, now):
+    """Return the family's summary of today, in its own time zone."""
+    return day_summary(family, local_today(family['tz'], now), now)
 
 
 @app.get('/admin')
@@ -1502,11 +1500,13 @@ def family_overview(family, now):
 def admin_dashboard(error=None, typed=None):
     """The consultant's dashboard (shown again by the Add client form with its mistake and what was typed)."""
     show_archived, now = request.query.get('archived') == '1', now_ms()
-    families = [family_overview(f, now) for f in list_families(show_archived)]
-    for family in families:
-        family['seen'] = ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet'
-        family['states'] = [f"{s['label']} since {when(s['since'], family['tz'], now)}"
-                            for s in family['summary']['spans'] if s['end'] == now]
+    families = []
+    for family in list_families(show_archived):
+        today = family_today(family, now)
+        families.append(dict(family, today=today['totals'],
+                             seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
+                             states=[f"{s['label']} since {when(s['since'], family['tz'], now)}"
+                                     for s in today['spans'] if s['end'] == now]))
     form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
     return page('dashboard', families=families, show_archived=show_archived, hm=hm, zones=time_zones(),
                 error=error, form=form)
@@ -1519,10 +1519,8 @@ def admin_families_list():
     if not wants_json():
         bottle.redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
     now = now_ms()
-    families = [family_overview(f, now) for f in list_families(request.query.get('archived') == '1')]
-    for family in families:
-        del family['summary']
-    return {'families': families}
+    return {'families': [dict(f, today=family_today(f, now)['totals'])
+                         for f in list_families(request.query.get('archived') == '1')]}
 
 
 @app.post('/admin/families')

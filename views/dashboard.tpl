@@ -1,4 +1,4 @@
-%# Dashboard: expects families (family_overview rows with seen and states), show_archived, hm,
+%# Dashboard: expects families (family rows with today, seen and states), show_archived, hm,
 %# zones, form (name, notes, tz of the Add client form), error (its message or None), csrf.
 % rebase('base.tpl', title='Clients')
 <main>
