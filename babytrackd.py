@@ -100,7 +100,6 @@ MAX_BODY = 64 * 1024
 MAX_MESSAGE = 64 * 1024
 MAX_CONFIG = 16 * 1024
 SEND_QUEUE = 256
-WRITER_LINGER = 1.0  # seconds a socket's writer waits for more before it ends
 LOGIN_FAILURES, LOGIN_WINDOW = 5, 15 * 60
 CLOCK_SKEW_MS = 5 * 60 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -209,6 +208,7 @@ def open_db(path=None):
     conn.execute('PRAGMA synchronous = NORMAL')
     conn.execute('PRAGMA foreign_keys = ON')
     conn.execute('PRAGMA busy_timeout = 5000')
+    conn.execute('PRAGMA journal_size_limit = 16777216')  # a burst of writes leaves no huge WAL behind
     migrate(conn)
     db = conn
     return conn
@@ -853,9 +853,9 @@ login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 #   `init` (entries since SEQ, config, members, cursor), and every other device gets `presence`.
 # - Each accepted write is committed first, then broadcast to every socket of the family, the
 #   sender included (its acknowledgement). Repeats and stale writes are answered to the sender.
-# - Every socket has a bounded queue and at most one writer greenlet, started when something is
-#   queued and ended when the queue is empty: the only code that writes to it. A device whose queue
-#   is full is closed (1013), so one slow phone never delays the others.
+# - A frame goes straight to the socket when nothing waits and the kernel takes it whole; else it
+#   waits in the socket's bounded queue for its one writer greenlet, which ends once the queue is
+#   empty. A device whose queue is full is closed (1013), so one slow phone never delays the others.
 # - The hub ticks every second: it pings every WS_PING_INTERVAL, drops peers silent for three
 #   intervals, closes links that expired, and finishes closes the peer did not answer.
 # gevent-websocket reads frames without a size cap, answers control frames from the reading
@@ -881,57 +881,69 @@ def frame(opcode, payload=b''):
     return Header.encode_header(True, opcode, b'', len(payload), 0) + payload
 
 
-class Peer:
-    """One live WebSocket: its link, its send queue and its writer greenlet."""
+def unmask(payload, mask):
+    """Undo a client frame's XOR mask, as one big-integer operation (gevent-websocket loops per byte)."""
+    size = len(payload)
+    key = int.from_bytes((mask * (size // 4 + 1))[:size], 'big')
+    return (int.from_bytes(payload, 'big') ^ key).to_bytes(size, 'big')
 
-    __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer', 'wake',
+
+class Peer:
+    """One live WebSocket: its link, its send queue and, while the socket is backed up, its writer."""
+
+    __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer',
                  'last_heard', 'closing_since', 'closed')
 
     def __init__(self, ws, link):
         self.ws, self.sock = ws, ws.handler.socket
         self.family_id, self.token = link['family_id'], link['token']
         self.label, self.expires_at = link['label'] or 'device', link['expires_at']
-        self.queue, self.wake = deque(), gevent.event.Event()
+        self.queue = deque()
         self.last_heard = time.monotonic()
         self.closing_since = None
         self.closed = False
         self.writer = None
 
     def _write_loop(self):
-        """Write the queued frames in order; after a second with nothing to write, end (an idle
-        socket keeps no greenlet, ~10 KB each; a busy one keeps its writer)."""
-        write = self.ws.stream.write
+        """Write the queued frames in order, waiting for the socket as needed; end when none are left.
+        A frame leaves the queue once written, so an empty queue means nothing is half sent."""
         try:
-            while True:
-                while self.queue:
-                    data = self.queue.popleft()
-                    write(data)
-                    if data[0] & 0x0f == OP_CLOSE:
-                        return
-                self.wake.clear()
-                if not self.wake.wait(WRITER_LINGER):
-                    return
-        except (OSError, AttributeError):
+            while self.queue:
+                self.sock.sendall(self.queue[0])
+                self.queue.popleft()
+        except OSError:
             self.shutdown()
 
     def send(self, text):
-        """Queue a text message; close the peer when it cannot keep up."""
+        """Send a text message (see send_frame)."""
         self.send_frame(frame(OP_TEXT, text.encode()))
 
     def send_frame(self, data):
-        """Queue one frame and make sure a writer runs; close the peer when it cannot keep up."""
+        """Send one frame: at once while the socket takes it, else queued for a writer greenlet.
+        A peer whose queue is full cannot keep up: it is closed (1013), the others never wait for it."""
         if self.closing_since is not None:
             return
-        if len(self.queue) >= SEND_QUEUE:  # drop what waits, say why, and let the tick end it
+        if not self.queue:  # the usual case: write now, never blocking the sender
+            try:
+                sent = self.sock.send(data, 0, timeout=0.0)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.shutdown()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        elif len(self.queue) >= SEND_QUEUE:  # drop what waits (but the frame being written), say why
             stats['slow_closed'] += 1
+            head = self.queue.popleft()
             self.queue.clear()
+            self.queue.append(head)
             self.close(CLOSE_TRY_AGAIN, 'too slow')
             return
         self.queue.append(data)
         if self.writer is None or self.writer.dead:
             self.writer = gevent.spawn(self._write_loop)
-        else:
-            self.wake.set()
 
     def close(self, code, reason=''):
         """Send a close frame with its code; the socket is shut down when the peer answers or after a second."""
@@ -975,12 +987,12 @@ class Peer:
             payload = stream.read(header.length) if header.length else b''
             if len(payload) != header.length:
                 return None
-            payload = header.unmask_payload(payload) if header.length else b''
+            payload = unmask(payload, header.mask)
             self.last_heard = time.monotonic()
             if header.opcode == OP_CLOSE:
                 return None
             if header.opcode == OP_PING:
-                self.send_frame(frame(OP_PONG, bytes(payload)))
+                self.send_frame(frame(OP_PONG, payload))
                 continue
             if header.opcode == OP_PONG:
                 continue
@@ -990,7 +1002,7 @@ class Peer:
                 opcode = header.opcode
             elif header.opcode != 0 or opcode is None:
                 raise CloseConnection(CLOSE_PROTOCOL, 'unexpected frame')
-            parts.append(bytes(payload))
+            parts.append(payload)
             if header.fin:
                 break
         if opcode == OP_BINARY:
@@ -1862,6 +1874,26 @@ def maintenance_loop():
         gevent.sleep(3600)
 
 
+def checkpoint_loop():
+    """Once a second after writes, copy the WAL into the database from a thread. SQLite's own
+    checkpoint (serve turns it off) runs inside a commit, and its fsyncs held up the loop for ms."""
+    def checkpoint():
+        conn = sqlite3.connect(DB_PATH)
+        try:
+            conn.execute('PRAGMA wal_checkpoint(PASSIVE)')
+        finally:
+            conn.close()
+    done = db.total_changes
+    while True:
+        gevent.sleep(1)
+        if db.total_changes != done:
+            done = db.total_changes
+            try:
+                gevent.get_hub().threadpool.apply(checkpoint)
+            except sqlite3.Error:
+                log.exception('checkpoint failed')
+
+
 def swap_in_restore(path):
     """Before opening: put a waiting PATH.restore in place of the database, keeping the old file aside."""
     waiting = path + '.restore'
@@ -1905,10 +1937,12 @@ def serve(host=HOST, port=PORT):
     server.start()
     gc.freeze()  # what start-up made lives for good: keep it out of every later collection's scan
     hub.start()
-    gevent.spawn(maintenance_loop)
+    db.execute('PRAGMA wal_autocheckpoint = 0')
+    background = [gevent.spawn(maintenance_loop), gevent.spawn(checkpoint_loop)]
     log.info('babytrackd %s listening on %s:%s', VERSION, host, server.server_port)
     print(f'babytrackd: log in at {BASE_URL}/admin as {ADMIN_USER}', flush=True)
     stopping.wait()
+    gevent.killall(background)
     shutdown(server)
 
 

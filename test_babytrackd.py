@@ -710,6 +710,14 @@ def test_a_message_over_64_kib_closes_the_socket_with_1009(server, family, devic
     assert stored_entries(server, family['id']) == []
 
 
+def test_a_message_near_64_kib_arrives_intact(server, family, devices):
+    mum, dad = devices
+    value = 'Ñight 🌙 fëed, ' * 290  # 4,060 characters, many of them more than one byte
+    mum.send({'type': 'entry', 'action': 'add', 'entry': entry('near', value=value), 'padding': 'p' * 50_000})
+    assert dad.entry_echo('near')['entry']['value'] == value
+    assert [e['value'] for e in stored_entries(server, family['id'])] == [value]
+
+
 def test_a_binary_frame_is_refused(devices):
     mum, _ = devices
     mum.ws.send_binary(b'\x00\x01')
@@ -841,6 +849,16 @@ def test_metrics_count_what_happened(server, admin, family, devices):
     assert values['babytrackd_login_failures_total'] == '1'
     assert int(values['babytrackd_requests_4xx_total']) >= 1
     assert int(values['babytrackd_resident_memory_bytes']) > 1_000_000
+
+
+def test_writes_reach_the_database_file_itself_within_seconds(server, family, devices):
+    """SQLite's checkpoint inside commits is off; the server copies the WAL over from a thread."""
+    mum, _ = devices
+    before = os.path.getsize(server.db_path)
+    for number in range(100):  # ~600 WAL pages, fewer than SQLite's own checkpoint would wait for
+        mum.add(f'c{number}', now_ms(), value='c' * 2000)
+    mum.entry_echo('c99')
+    wait_for(lambda: os.path.getsize(server.db_path) > before + 150_000, message='the database file to hold the writes')
 
 
 def test_backup_while_writing_holds_every_acknowledged_entry_and_restores(server, admin, family, tmp_path):
