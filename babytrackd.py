@@ -47,6 +47,7 @@ import hashlib
 import io
 import json
 import logging
+import random
 import re
 import secrets
 import signal
@@ -251,7 +252,8 @@ def refuse_constant(name):
 def parse_json(text):
     """Parse JSON, refusing what Python's json reads but browsers and SQLite do not: NaN, Infinity, lone surrogates."""
     data = json.loads(text, parse_constant=refuse_constant)
-    json.dumps(data, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError, on a lone surrogate
+    if not isinstance(text, str) or '\\u' in text:  # decoded text holds no surrogates; only escapes (or bytes) can
+        json.dumps(data, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError, on a lone surrogate
     return data
 
 
@@ -856,8 +858,9 @@ login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 # - A frame goes straight to the socket when nothing waits and the kernel takes it whole; else it
 #   waits in the socket's bounded queue for its one writer greenlet, which ends once the queue is
 #   empty. A device whose queue is full is closed (1013), so one slow phone never delays the others.
-# - The hub ticks every second: it pings every WS_PING_INTERVAL, drops peers silent for three
-#   intervals, closes links that expired, and finishes closes the peer did not answer.
+# - The hub ticks every second: it pings each peer every WS_PING_INTERVAL (each at its own moment,
+#   so a thousand sockets never answer at once), drops peers silent for three intervals, closes
+#   links that expired, and finishes closes the peer did not answer.
 # gevent-websocket reads frames without a size cap, answers control frames from the reading
 # greenlet and drops close codes; this chapter reads and writes frames itself to fix all three.
 
@@ -892,7 +895,7 @@ class Peer:
     """One live WebSocket: its link, its send queue and, while the socket is backed up, its writer."""
 
     __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer',
-                 'last_heard', 'closing_since', 'closed')
+                 'last_heard', 'ping_at', 'closing_since', 'closed')
 
     def __init__(self, ws, link):
         self.ws, self.sock = ws, ws.handler.socket
@@ -900,6 +903,7 @@ class Peer:
         self.label, self.expires_at = link['label'] or 'device', link['expires_at']
         self.queue = deque()
         self.last_heard = time.monotonic()
+        self.ping_at = self.last_heard + random.uniform(0, WS_PING_INTERVAL)  # spread: no ping storms
         self.closing_since = None
         self.closed = False
         self.writer = None
@@ -1082,7 +1086,7 @@ class Hub:
         """Close every socket (shutdown)."""
         self.close_where(lambda peer: True, code, reason)
 
-    def tick(self, now_mono, now_wall, ping_due):
+    def tick(self, now_mono, now_wall):
         """Expire links, ping, drop the silent and finish unanswered closes."""
         for peer in self.peers():
             if peer.closing_since is not None:
@@ -1093,19 +1097,15 @@ class Hub:
             elif now_mono - peer.last_heard > 3 * WS_PING_INTERVAL:
                 log.info('socket dropped after silence family=%s', peer.family_id)
                 peer.shutdown()
-            elif ping_due:
+            elif now_mono >= peer.ping_at:
+                peer.ping_at = now_mono + WS_PING_INTERVAL
                 peer.send_frame(frame(OP_PING))
 
     def _tick_loop(self):
-        last_ping = time.monotonic()
         while True:
             gevent.sleep(min(1.0, WS_PING_INTERVAL / 2))
-            now = time.monotonic()
-            ping_due = now - last_ping >= WS_PING_INTERVAL
-            if ping_due:
-                last_ping = now
             try:
-                self.tick(now, now_ms(), ping_due)
+                self.tick(time.monotonic(), now_ms())
             except Exception:
                 log.exception('hub tick failed')
 
