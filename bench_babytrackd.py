@@ -483,7 +483,7 @@ def main():
     parser.add_argument('--json', default='bench_results.json')
     parser.add_argument('--sockets', type=int, default=1000)
     parser.add_argument('--entries', type=int, default=20_000)
-    parser.add_argument('--samples', type=int, default=1000)
+    parser.add_argument('--samples', type=int, default=2000)
     parser.add_argument('--writes', type=int, default=5000)
     parser.add_argument('--load-seconds', type=int, default=60)
     parser.add_argument('--convergence-seeds', type=int, default=300,
