@@ -356,7 +356,9 @@ def test_deeply_nested_json_is_refused(logged_in):
     assert 'not valid JSON' in answer.json['error']
 
 
-@pytest.mark.parametrize('raw, message', [(b'{"name": ', 'not valid JSON'), (b'["A"]', 'must be a JSON object')])
+@pytest.mark.parametrize('raw, message', [(b'{"name": ', 'not valid JSON'), (b'["A"]', 'must be a JSON object'),
+                                          (b'{"name": "\xed\xa0\x80"}', 'not valid JSON'),  # a surrogate, raw
+                                          (b'{"name": "Caf\xe9"}', 'not valid JSON')])  # Latin-1, not UTF-8
 def test_malformed_json_is_refused(logged_in, raw, message):
     answer = logged_in.post('/admin/families', raw, content_type='application/json', status=400)
     assert message in answer.json['error']
