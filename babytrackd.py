@@ -253,7 +253,8 @@ JSON_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # made once: js
 
 
 def parse_json(text):
-    """Parse JSON text, refusing what Python's json reads but browsers and SQLite do not: NaN, Infinity, lone surrogates."""
+    """Parse JSON text (strictly decoded UTF-8), refusing what Python's json reads but browsers and
+    SQLite do not: NaN, Infinity, lone surrogates."""
     data = JSON_DECODER.decode(text)
     if '\\u' in text:  # text decoded from UTF-8 holds no surrogates; only an escape can make one
         json.dumps(data, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError, on a lone surrogate
@@ -1255,7 +1256,7 @@ def json_body():
     if len(raw) > MAX_BODY:
         bottle.abort(413, 'Request body is over 64 KiB.')
     try:
-        data = parse_json(raw.decode() or 'null')  # UnicodeDecodeError is a ValueError
+        data = parse_json(raw.decode('utf-8-sig') or 'null')  # UnicodeDecodeError is a ValueError
     except (ValueError, RecursionError):
         bottle.abort(400, 'Body is not valid JSON.')
     if not isinstance(data, dict):
@@ -1879,7 +1880,8 @@ def maintenance_loop():
 
 def checkpoint_loop():
     """Once a second after writes, copy the WAL into the database from a thread. SQLite's own
-    checkpoint (serve turns it off) runs inside a commit, and its fsyncs held up the loop for ms."""
+    checkpoint runs inside a commit, and its fsyncs held up the loop for ms: serve() leaves it only
+    as the bound under writes that never pause (the WAL restarts only once all of it is copied)."""
     def checkpoint():
         conn = sqlite3.connect(DB_PATH)
         try:
@@ -1940,7 +1942,7 @@ def serve(host=HOST, port=PORT):
     server.start()
     gc.freeze()  # what start-up made lives for good: keep it out of every later collection's scan
     hub.start()
-    db.execute('PRAGMA wal_autocheckpoint = 0')
+    db.execute('PRAGMA wal_autocheckpoint = 4000')  # 16 MB: reached only when the thread cannot keep up
     background = [gevent.spawn(maintenance_loop), gevent.spawn(checkpoint_loop)]
     log.info('babytrackd %s listening on %s:%s', VERSION, host, server.server_port)
     print(f'babytrackd: log in at {BASE_URL}/admin as {ADMIN_USER}', flush=True)
@@ -1960,7 +1962,9 @@ def shutdown(server):
     for peer in hub.peers():
         peer.shutdown()
     server.stop(timeout=3)
-    db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    gevent.get_hub().threadpool.join()  # a checkpoint or backup still running in a thread
+    if db.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0]:
+        log.warning('the last checkpoint was busy; SQLite replays the WAL at the next start')
     db.close()
     log.info('stopped')
 

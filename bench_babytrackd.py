@@ -356,7 +356,7 @@ def run(args):
         for family_id, links in families:
             clients[family_id] = [Client(f'{ws_base}?family={family_id}', cookie=f'bt_link={token}',
                                          origin=server.base, on_message=record) for token in links]
-        gevent.sleep(2)  # settled: writers of idle sockets have ended
+        gevent.sleep(2)  # settled: every init and presence message sent and read
         connected = sum(len(c) for c in clients.values())
         results['sockets'] = connected
         results['rss_sockets_mb'] = server.rss_kb() / 1024
@@ -365,9 +365,9 @@ def run(args):
         phase('broadcast latency')
         # Broadcast latency: one write at a time, until all 5 devices of the family have it; the
         # floor is one echo. Measured two ways, each the same for both: paced (a sample every
-        # --pace ms, broadcast and floor taking turns, so each server has sat idle for the same
-        # while before its sample, as a server does between a family's taps) and back to back
-        # (each loop as fast as it goes, both processes kept hot).
+        # --pace ms, broadcast and floor taking turns, so each server has sat idle a while before
+        # its sample, as it mostly is between taps, though far shorter than real gaps) and back to
+        # back (each loop as fast as it goes, both processes kept hot).
         rng = random.Random(1)
         family_ids = list(clients)
         floor = Floor()

@@ -712,7 +712,7 @@ def test_a_message_over_64_kib_closes_the_socket_with_1009(server, family, devic
     assert stored_entries(server, family['id']) == []
 
 
-def test_a_message_near_64_kib_arrives_intact(server, family, devices):
+def test_a_message_near_64_kib_is_read_intact(server, family, devices):
     mum, dad = devices
     value = 'Ñight 🌙 fëed, ' * 290  # 4,060 characters, many of them more than one byte
     mum.send({'type': 'entry', 'action': 'add', 'entry': entry('near', value=value), 'padding': 'p' * 50_000})
@@ -749,6 +749,25 @@ def test_a_device_that_stops_reading_does_not_delay_the_others(server, admin, fa
     stuck.close()
     assert gone, 'the stuck device was never closed'
     assert slowest < 0.5
+
+
+def test_a_device_that_reads_slowly_gets_every_message_in_order(server, admin, family, devices):
+    mum, _ = devices
+    token = admin.create_link(family['id'], 'Slow')['token']
+    slow = websocket.create_connection(f"{server.ws_url}?family={family['id']}", cookie=f'bt_link={token}',
+                                       origin=server.base_url, sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    for number in range(200):  # ~600 KB: most of it waits in Slow's queue while the socket is full
+        mum.send({'type': 'entry', 'action': 'add', 'entry': entry(f's{number}', value='v' * 3000)})
+        if number % 10 == 0:
+            slow.ping(b'still here')  # its pongs go in between the queued frames
+    mum.entry_echo('s199', timeout=10)
+    received = []
+    while len(received) < 200:
+        message = json.loads(slow.recv())
+        if message['type'] == 'entry':
+            received.append(message['entry']['id'])
+    assert received == [f's{number}' for number in range(200)]
+    slow.close()
 
 
 def test_a_device_flushing_a_long_outbox_does_not_get_the_others_closed(server, family, devices):
@@ -861,6 +880,21 @@ def test_writes_reach_the_database_file_itself_within_seconds(server, family, de
         mum.add(f'c{number}', now_ms(), value='c' * 2000)
     mum.entry_echo('c99')
     wait_for(lambda: os.path.getsize(server.db_path) > before + 150_000, message='the database file to hold the writes')
+
+
+def test_the_wal_stays_bounded_while_writes_never_pause(server, family, devices):
+    """The WAL restarts only once all of it is in the database; writes that never pause fall back on SQLite's checkpoint."""
+    mum, _ = devices
+    wal, biggest, number = server.db_path + '-wal', 0, 0
+    until = time.monotonic() + 4
+    while time.monotonic() < until:
+        for _ in range(50):
+            number += 1
+            mum.add(f'w{number}', now_ms(), value='x' * 200)
+        mum.entry_echo(f'w{number}', timeout=10)
+        biggest = max(biggest, os.path.getsize(wal))
+    assert number > 2000  # the writes really did pile up
+    assert biggest < 32 * 1024 * 1024
 
 
 def test_backup_while_writing_holds_every_acknowledged_entry_and_restores(server, admin, family, tmp_path):
