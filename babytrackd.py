@@ -88,6 +88,14 @@ WS_PING_INTERVAL = float(os.environ.get('WS_PING_INTERVAL', '25'))
 LOG_LEVEL = os.environ.get('LOG_LEVEL', 'info').lower()
 LOG_FORMAT = os.environ.get('LOG_FORMAT', 'text').lower()
 BACKUP_KEEP = int(os.environ.get('BACKUP_KEEP', '7'))
+WS_WRITE_BURST = int(os.environ.get('WS_WRITE_BURST', '2000'))
+WS_WRITE_RATE = float(os.environ.get('WS_WRITE_RATE', '20'))
+FAMILY_MAX_ENTRIES = int(os.environ.get('FAMILY_MAX_ENTRIES', '200000'))
+WS_SOCKETS_PER_LINK = int(os.environ.get('WS_SOCKETS_PER_LINK', '8'))
+WS_SEND_BUFFER = int(os.environ.get('WS_SEND_BUFFER', str(4 * 1024 * 1024)))
+MAX_CONNECTIONS = int(os.environ.get('MAX_CONNECTIONS', '2000'))
+METRICS_TOKEN = os.environ.get('METRICS_TOKEN') or None
+TRUST_PROXY_HEADER = os.environ.get('TRUST_PROXY_HEADER') or None
 
 SECURE_COOKIES = BASE_URL.startswith('https://')
 # On fly.io every connection comes from the proxy; the client's address is in Fly-Client-IP.
@@ -182,6 +190,44 @@ MIGRATIONS = [
     CREATE UNIQUE INDEX idx_entries_seq ON entries(seq);
     CREATE INDEX idx_entries_family_seq ON entries(family_id, seq);
     CREATE INDEX idx_links_family ON access_links(family_id);
+    """,
+    # 2: the sleep program (night window, plan, coaching notes), the change log (back-filled with
+    # one row per entry), login failures that survive a restart, and no indexes that no query uses.
+    """
+    DROP INDEX idx_entries_family;
+    DROP INDEX idx_entries_updated;
+    ALTER TABLE families ADD COLUMN night_start TEXT NOT NULL DEFAULT '19:00';
+    ALTER TABLE families ADD COLUMN night_end TEXT NOT NULL DEFAULT '07:00';
+    ALTER TABLE families ADD COLUMN plan TEXT;
+    CREATE TABLE notes (
+      id TEXT PRIMARY KEY,
+      family_id TEXT NOT NULL REFERENCES families(id),
+      date TEXT NOT NULL,
+      text TEXT NOT NULL,
+      created_at INTEGER NOT NULL
+    );
+    CREATE INDEX idx_notes_family ON notes(family_id, created_at);
+    CREATE TABLE changes (
+      seq INTEGER PRIMARY KEY,
+      entry_id TEXT NOT NULL,
+      family_id TEXT NOT NULL REFERENCES families(id),
+      ts INTEGER NOT NULL,
+      type TEXT NOT NULL,
+      value TEXT NOT NULL,
+      deleted INTEGER NOT NULL,
+      updated_at INTEGER NOT NULL,
+      by TEXT,
+      at INTEGER NOT NULL
+    );
+    CREATE INDEX idx_changes_entry ON changes(entry_id, seq);
+    CREATE INDEX idx_changes_family ON changes(family_id, seq);
+    INSERT INTO changes (seq, entry_id, family_id, ts, type, value, deleted, updated_at, by, at)
+      SELECT seq, id, family_id, ts, type, value, deleted, updated_at, by, updated_at FROM entries;
+    CREATE TABLE login_failures (
+      address TEXT NOT NULL,
+      at INTEGER NOT NULL
+    );
+    CREATE INDEX idx_login_failures ON login_failures(address, at);
     """,
 ]
 

@@ -559,12 +559,13 @@ def test_deletes_are_tombstones_under_last_write_wins(server, family, devices):
     mum, dad = devices
     added = write(mum, 'add', entry('d', updated_at=now_ms() - 10_000))
     dad.entry_echo('d')
-    gone = write(dad, 'delete', {'id': 'd', 'updated_at': now_ms()})
+    deleted_at = now_ms()
+    gone = write(dad, 'delete', {'id': 'd', 'updated_at': deleted_at})
     assert gone['action'] == 'delete' and gone['entry']['deleted'] is True and gone['entry']['seq'] > added['entry']['seq']
     assert mum.entry_echo('d')['entry']['deleted'] is True
     late_edit = write(mum, 'update', {'id': 'd', 'value': 'late', 'updated_at': now_ms() - 5000})
     assert late_edit['entry']['deleted'] is True  # the newer delete stands
-    undo = write(mum, 'update', {'id': 'd', 'deleted': False, 'updated_at': now_ms()})
+    undo = write(mum, 'update', {'id': 'd', 'deleted': False, 'updated_at': deleted_at + 1})  # later, even within one ms
     assert undo['entry']['deleted'] is False
     assert stored_entries(server, family['id'])[0]['deleted'] == 0
 
