@@ -515,6 +515,87 @@ def save_config(family_id, data):
     return data
 
 
+CLOCK_TIME = re.compile(r'([01]\d|2[0-3]):[0-5]\d')
+
+
+def check_clock(value, name):
+    """Return value if it is a wall-clock time 'HH:MM', else raise Invalid."""
+    if not isinstance(value, str) or not CLOCK_TIME.fullmatch(value):
+        raise Invalid(f'{name} must be a time such as 07:00 (HH:MM)')
+    return value
+
+
+def validate_plan(plan):
+    """Return the plan (wake, 0-5 naps each starting before it ends, bedtime; all HH:MM) or None, else raise Invalid."""
+    if plan is None:
+        return None
+    if not isinstance(plan, dict):
+        raise Invalid('plan must be an object with wake, naps and bedtime, or null')
+    unknown = set(plan) - {'wake', 'naps', 'bedtime'}
+    if unknown:
+        raise Invalid(f'unknown plan field: {sorted(unknown)[0]}')
+    clean = {'wake': check_clock(plan.get('wake'), 'wake'), 'naps': [], 'bedtime': check_clock(plan.get('bedtime'), 'bedtime')}
+    naps = plan.get('naps', [])
+    if not isinstance(naps, list) or len(naps) > 5:
+        raise Invalid('naps must be a list of at most 5 naps')
+    for number, nap in enumerate(naps, start=1):
+        if not isinstance(nap, dict) or set(nap) - {'start', 'end'}:
+            raise Invalid(f'nap {number} must be {{"start": "HH:MM", "end": "HH:MM"}}')
+        start, end = check_clock(nap.get('start'), f'nap {number} start'), check_clock(nap.get('end'), f'nap {number} end')
+        if start >= end:
+            raise Invalid(f'nap {number} must start before it ends')
+        clean['naps'].append({'start': start, 'end': end})
+    return clean
+
+
+def get_plan(family_id):
+    """Return the family's plan, or None."""
+    row = one('SELECT plan FROM families WHERE id = ?', family_id)
+    return json.loads(row['plan']) if row and row['plan'] else None
+
+
+def save_plan(family_id, plan):
+    """Validate and store the family's plan (None clears it); return it."""
+    plan = validate_plan(plan)
+    with transaction():
+        db.execute('UPDATE families SET plan = ? WHERE id = ?', (json.dumps(plan) if plan else None, family_id))
+    return plan
+
+
+def note_dict(row):
+    """Shape a notes row for the API."""
+    return {'id': row['id'], 'date': row['date'], 'text': row['text'], 'created_at': row['created_at']}
+
+
+def create_note(family_id, date, text):
+    """Validate and store a coaching note for a date; return it."""
+    try:
+        if not 1900 <= dt.date.fromisoformat(date).year <= 9000 or len(date) != 10:  # same range as the pages
+            raise ValueError
+    except (TypeError, ValueError):
+        raise Invalid('date must be a day such as 2026-01-31') from None
+    if not check_text(text, 'text', 1, 4000).strip():
+        raise Invalid('text must not be empty')
+    note_id = secrets.token_urlsafe(6)
+    with transaction():
+        db.execute('INSERT INTO notes (id, family_id, date, text, created_at) VALUES (?, ?, ?, ?, ?)',
+                   (note_id, family_id, date, text, now_ms()))
+    return note_dict(one('SELECT * FROM notes WHERE id = ?', note_id))
+
+
+def list_notes(family_id, since=0):
+    """Return the family's coaching notes written at or after `since` (ms), newest first."""
+    found = rows('SELECT * FROM notes WHERE family_id = ? AND created_at >= ? ORDER BY created_at DESC, id DESC',
+                 family_id, since)
+    return [note_dict(r) for r in found]
+
+
+def delete_note(family_id, note_id):
+    """Delete the family's note; return False when it has no such note."""
+    with transaction():
+        return bool(db.execute('DELETE FROM notes WHERE id = ? AND family_id = ?', (note_id, family_id)).rowcount)
+
+
 def entry_dict(row):
     """Shape an entries row for the wire."""
     return {'id': row['id'], 'ts': row['ts'], 'type': row['type'], 'value': row['value'],
@@ -1215,7 +1296,7 @@ def serve_socket(ws, link, since):
     log.info('socket open family=%s', family_id)
     try:
         members = hub.members(family_id)
-        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': family_cursor(family_id)},
+        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': family_cursor(family_id), 'plan': get_plan(family_id), 'notes': list_notes(family_id, now_ms() - 60 * DAY_MS)},
                           separators=(',', ':'))
         peer.send(f'{{"type":"init","entries":{entries_json(family_id, since)},{rest[1:]}')
         presence = json.dumps({'type': 'presence', 'members': members})
@@ -1604,7 +1685,7 @@ def admin_family_show(family_id):
     if limit is not None and not (limit.isdigit() and 0 < int(limit) <= 100_000):
         bottle.abort(400, 'limit must be a whole number from 1 to 100000.')
     if wants_json():
-        return dict(family, links=list_links(family_id), config=get_config(family_id),
+        return dict(family, links=list_links(family_id), config=get_config(family_id), plan=get_plan(family_id),
                     entries=live_entries(family_id, int(limit) if limit else None))
     return page('family', **family_page(family, request.query.get('date')))
 
@@ -1631,6 +1712,51 @@ def admin_config_put(family_id):
     save_config(family_id, data['data'])
     hub.broadcast(family_id, {'type': 'config', 'data': data['data']})
     return {'data': data['data']}
+
+
+@app.put('/admin/families/<family_id>/plan')
+@admin_required
+def admin_plan_put(family_id):
+    """Store the family's plan ({"plan": null} clears it) and push it to its devices."""
+    family_or_404(family_id)
+    data = json_body()
+    plan = save_plan(family_id, data['plan'] if 'plan' in data else data)
+    hub.broadcast(family_id, {'type': 'plan', 'plan': plan})
+    return plan or {'plan': None}
+
+
+@app.get('/admin/families/<family_id>/notes')
+@admin_required
+def admin_notes_list(family_id):
+    """The family's coaching notes, newest first."""
+    family_or_404(family_id)
+    if not wants_json():
+        bottle.redirect(f'/admin/families/{family_id}#notes', 303)
+    return {'notes': list_notes(family_id)}
+
+
+@app.post('/admin/families/<family_id>/notes')
+@admin_required
+def admin_notes_create(family_id):
+    """Write a coaching note and push it to the family's devices."""
+    family_or_404(family_id)
+    data = json_body()
+    note = create_note(family_id, data.get('date'), data.get('text'))
+    hub.broadcast(family_id, {'type': 'note', 'note': note})
+    response.status = 201
+    return note
+
+
+@app.delete('/admin/families/<family_id>/notes/<note_id>')
+@admin_required
+def admin_notes_delete(family_id, note_id):
+    """Delete a coaching note and tell the family's devices."""
+    family_or_404(family_id)
+    if not delete_note(family_id, note_id):
+        bottle.abort(404, 'No such note.')
+    hub.broadcast(family_id, {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
+    response.status = 204
+    return ''
 
 
 def parse_date(text, tz):
@@ -1674,6 +1800,85 @@ def admin_links_revoke(family_id, token):
     return ''
 
 
+# The button editor's fields: g1.category, g1.stateful, g1.order, g1.remove, g1.b2.label, g1.b2.counted ...
+EDITOR_FIELD = re.compile(r'g(\d{1,2})\.(?:b(\d{1,2})\.)?(category|stateful|label|timing|counted|order|remove)')
+
+
+def editor_rows(config):
+    """Return the button editor's rows for a config, numbered in order, with an empty button per group and a new group."""
+    blank = {'label': '', 'timing': False, 'counted': False, 'remove': False}
+    groups = [*config, {'category': '', 'buttons': []}]
+    return [{'category': group['category'], 'stateful': bool(group.get('stateful')), 'order': str(g), 'remove': False,
+             'buttons': [dict(blank, label=b.get('label', ''), timing=bool(b.get('timing')), counted=bool(b.get('counted')),
+                              order=str(n)) for n, b in enumerate([*group['buttons'], {}] + [{}] * (not group['buttons']), 1)]}
+            for g, group in enumerate(groups, 1)]
+
+
+def editor_typed(data):
+    """Return the button editor's rows as they were typed."""
+    groups = {}
+    for key, value in data.items():
+        if match := EDITOR_FIELD.fullmatch(key):
+            g, b, field = match.groups()
+            row = groups.setdefault(int(g), {'category': '', 'stateful': False, 'order': '', 'remove': False, 'buttons': {}})
+            if b is not None:
+                row = row['buttons'].setdefault(int(b), {'label': '', 'timing': False, 'counted': False, 'order': '', 'remove': False})
+            row[field] = value if field in ('category', 'label', 'order') else True  # a checkbox is sent only when ticked
+    return [dict(row, buttons=[row['buttons'][b] for b in sorted(row['buttons'])]) for _, row in sorted(groups.items())]
+
+
+def editor_config(groups):
+    """Return the button groups the editor's rows describe (removed and empty rows left out, in their order), or raise Invalid."""
+    def ordered(rows, what):
+        keyed = []
+        for index, row in enumerate(rows):
+            order = row['order'].strip()
+            if order and not re.fullmatch(r'-?\d{1,6}', order):
+                raise Invalid(f'The order of {what} must be a whole number, not "{order}".')
+            keyed.append((int(order) if order else 10**6, index))
+        return [rows[index] for _, index in sorted(keyed)]
+    config = []
+    for group in ordered(groups, 'a group'):
+        name = group['category'].strip()
+        buttons = [{'label': b['label'].strip(), **{flag: b[flag] for flag in ('timing', 'counted') if b[flag] or group['stateful']}}
+                   for b in ordered(group['buttons'], f'a button in "{name}"') if b['label'].strip() and not b['remove']]
+        if group['remove'] or not (name or buttons):
+            continue
+        if not name:
+            raise Invalid(f'The group with the button "{buttons[0]["label"]}" needs a name (or tick Remove).')
+        if not buttons:
+            raise Invalid(f'The group "{name}" needs at least one button (or tick Remove).')
+        config.append({'category': name, **({'stateful': True} if group['stateful'] else {}), 'buttons': buttons})
+    return validate_config(config)
+
+
+def plan_fields(plan):
+    """Return the plan form's fields for a plan (empty when there is none)."""
+    naps = (plan or {}).get('naps', [])
+    fields = {'wake': plan['wake'] if plan else '', 'bedtime': plan['bedtime'] if plan else ''}
+    for number in range(1, 6):
+        nap = naps[number - 1] if number <= len(naps) else {'start': '', 'end': ''}
+        fields.update({f'nap{number}_start': nap['start'], f'nap{number}_end': nap['end']})
+    return fields
+
+
+def planned_minutes(plan):
+    """Return the plan's sleep as (first minute, minutes) on the wall clock: the naps and the night from bedtime to wake."""
+    if not plan:
+        return []
+    minute = lambda hhmm: int(hhmm[:2]) * 60 + int(hhmm[3:])
+    wake, bed = minute(plan['wake']), minute(plan['bedtime'])
+    night = [(0, wake), (bed, 1440 - bed)] if bed > wake else [(bed, wake - bed)]
+    return [(start, length) for start, length in night if length] + [
+        (minute(n['start']), minute(n['end']) - minute(n['start'])) for n in plan['naps']]
+
+
+def within(spans, start, length):
+    """Return the parts of (first minute, minutes) spans inside [start, start + length), from that start."""
+    return [(max(a, start) - start, min(a + n, start + length) - max(a, start))
+            for a, n in spans if a < start + length and a + n > start]
+
+
 def family_page(family, date_text, errors=None, typed=None):
     """Return what the family page shows for one date (a refused form: its message and what was typed)."""
     tz, now, hour_ms = family['tz'], now_ms(), 3600 * 1000
@@ -1684,12 +1889,16 @@ def family_page(family, date_text, errors=None, typed=None):
         hour['sleep'] = [((max(s['start'], begin) - begin) / 60000, (min(s['end'], top) - max(s['start'], begin)) / 60000)
                          for s in summary['spans'] if s['category'] == 'sleep' and s['counted']
                          and s['start'] < top and s['end'] > begin]
+    plan, notes = get_plan(family['id']), list_notes(family['id'])
     form = {'name': family['name'], 'notes': family['notes'], 'tz': tz, 'label': '', 'expires': 'never',
-            'expires_on': '', 'config': json.dumps(config, indent=2), **(typed or {})}
+            'expires_on': '', 'config': json.dumps(config, indent=2), **plan_fields(plan), 'date': str(date), 'text': '',
+            **(typed or {})}
     return {'family': family, 'date': date, 'prev': date - dt.timedelta(days=1), 'next': date + dt.timedelta(days=1),
             'summary': summary, 'chart': sleep_chart(family, date, now), 'config': config, 'form': form,
             'links': list_links(family['id']), 'online': {p.token for p in hub.peers(family['id'])},
             'changes': recent_changes(family['id']), 'errors': errors or {}, 'zones': time_zones(), 'now': now,
+            'plan': plan, 'planned': planned_minutes(plan), 'within': within, 'notes': notes, 'day_notes': [n for n in notes if n['date'] == str(date)],
+            'editor': editor_typed(typed) if typed and any(EDITOR_FIELD.fullmatch(k) for k in typed) else editor_rows(config),
             'hm': hm, 'clock': lambda ms: f'{local_time(ms, tz):%H:%M}', 'when': lambda ms: when(ms, tz, now)}
 
 
@@ -1775,6 +1984,47 @@ def admin_config_form(family_id):
             raise Invalid('This JSON is nested too deeply.') from None
         hub.broadcast(family['id'], {'type': 'config', 'data': save_config(family['id'], groups)})
     return family_form(family_id, 'config', store)
+
+
+@app.post('/admin/families/<family_id>/buttons')
+@admin_required
+def admin_buttons_form(family_id):
+    """The family page's button editor (no JSON): checked like the JSON, stored and pushed to the family's devices."""
+    def store(family, data):
+        hub.broadcast(family['id'], {'type': 'config', 'data': save_config(family['id'], editor_config(editor_typed(data)))})
+    return family_form(family_id, 'buttons', store)
+
+
+@app.post('/admin/families/<family_id>/plan')
+@admin_required
+def admin_plan_form(family_id):
+    """The family page's plan form: wake, up to five naps (empty rows skipped) and bedtime; Clear removes the plan."""
+    def store(family, data):
+        plan = None if 'clear' in data else {'wake': data.get('wake', ''), 'bedtime': data.get('bedtime', ''), 'naps': [
+            {'start': data.get(f'nap{n}_start', ''), 'end': data.get(f'nap{n}_end', '')} for n in range(1, 6)
+            if data.get(f'nap{n}_start') or data.get(f'nap{n}_end')]}
+        hub.broadcast(family['id'], {'type': 'plan', 'plan': save_plan(family['id'], plan)})
+    return family_form(family_id, 'plan', store)
+
+
+@app.post('/admin/families/<family_id>/notes/new')
+@admin_required
+def admin_notes_form(family_id):
+    """The family page's note form: a date and the text; the note reaches the family's devices at once."""
+    def write(family, data):
+        hub.broadcast(family['id'], {'type': 'note', 'note': create_note(family['id'], data.get('date', ''), data.get('text', ''))})
+    return family_form(family_id, 'notes', write)
+
+
+@app.post('/admin/families/<family_id>/notes/<note_id>/delete')
+@admin_required
+def admin_notes_delete_form(family_id, note_id):
+    """The Delete button beside a coaching note."""
+    def remove(family, data):
+        if not delete_note(family['id'], note_id):
+            raise Invalid('That note was already deleted.')
+        hub.broadcast(family['id'], {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
+    return family_form(family_id, 'notes', remove)
 
 
 @app.get('/admin/families/<family_id>/export.<kind:re:csv|json>')

@@ -1,5 +1,7 @@
 %# Family page: expects family, date, prev, next, summary (hours with sleep), chart, links, online,
-%# config, changes, form (what each form shows), errors (section -> message), zones, now, csrf,
+%# config, plan, planned (the plan's sleep as wall-clock minutes) and within (its part in an hour),
+%# notes, day_notes (the shown day's), editor (button rows), changes, form (what each form shows),
+%# errors (section -> message), zones, now, csrf,
 %# and the formatters hm (minutes), clock (ms -> 19:42) and when (ms -> 'yesterday 19:42').
 % rebase('base.tpl', title=family['name'])
 <main>
@@ -24,6 +26,10 @@
 % end
 % include('family_day.tpl')
 % include('family_chart.tpl')
+<div class="columns">
+% include('family_plan.tpl')
+% include('family_notes.tpl')
+</div>
 <div class="columns">
 % include('family_links.tpl')
 % include('family_activity.tpl')

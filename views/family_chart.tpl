@@ -1,7 +1,11 @@
 %# The 14-day sleep chart (included by family.tpl): one SVG strip per day, 24 hours across.
 <section id="chart" class="card">
 <h2>Sleep, 14 days to {{date.day}} {{date.strftime('%b')}}</h2>
-<p class="legend"><span class="key asleep"></span> asleep <span class="key feed"></span> feed</p>
+<p class="legend"><span class="key asleep"></span> asleep <span class="key feed"></span> feed
+% if plan:
+<span class="key planned"></span> planned
+% end
+</p>
 <table class="chart">
 <thead><tr><th></th><td class="hours"><span>00</span><span>03</span><span>06</span><span>09</span><span>12</span><span>15</span><span>18</span><span>21</span></td><th>Total</th></tr></thead>
 <tbody>
@@ -14,6 +18,9 @@
 % end
 % for minute in range(360, 1440, 360):
     <line class="tick major" x1="{{minute}}" x2="{{minute}}" y1="0" y2="10"/>
+% end
+% for x, width in planned:
+    <rect class="planned" x="{{x}}" y="0.5" width="{{width}}" height="9"/>
 % end
 % for x, width in day['sleep']:
     <rect class="asleep" x="{{x}}" y="1" width="{{width}}" height="8"/>

@@ -15,7 +15,7 @@
   <div><dt>Wet nappies</dt><dd>{{summary['totals']['wet']}}</dd></div>
   <div><dt>Dirty nappies</dt><dd>{{summary['totals']['dirty']}}</dd></div>
 % for name, category in summary['categories'].items():
-% if name not in ('sleep', 'feed', 'nappy'):
+% if name not in ('sleep', 'feed', 'nappy', 'note'):
   <div><dt>{{name}}</dt><dd>{{category['count']}}
 % if 'minutes' in category:
     <small>{{hm(category['minutes'])}}</small>
@@ -24,14 +24,20 @@
 % end
 % end
 </dl>
+% for note in day_notes:
+<p class="coach-note"><strong>Your note</strong> {{note['text']}}</p>
+% end
 <table class="grid">
-<caption>Hour by hour ({{len(summary['hours'])}} hours); shading is sleep</caption>
+<caption>Hour by hour ({{len(summary['hours'])}} hours); shading is sleep{{', the outline the plan' if plan else ''}}</caption>
 <thead><tr><th scope="col">Hour</th><th scope="col" class="bar">Sleep</th><th scope="col">Entries</th></tr></thead>
 <tbody>
 % for hour in summary['hours']:
 <tr class="{{'future' if hour['start'] > now else 'past'}}">
   <th scope="row">{{clock(hour['start'])}}</th>
   <td class="bar"><svg viewBox="0 0 60 10" preserveAspectRatio="none" aria-hidden="true">
+% for x, width in within(planned, hour['hour'] * 60, 60):
+    <rect class="planned" x="{{x}}" y="0.5" width="{{width}}" height="9"/>
+% end
 % for x, width in hour['sleep']:
     <rect class="asleep" x="{{x}}" y="0" width="{{width}}" height="10"/>
 % end
@@ -39,7 +45,7 @@
   </svg></td>
   <td class="events">
 % for entry in hour['events']:
-    <span class="event t-{{entry['type']}}" title="{{entry['type']}}"><time>{{clock(entry['ts'])}}</time> {{entry['value']}}
+    <span class="event t-{{entry['type']}}" title="{{'note from the family' if entry['type'] == 'note' else entry['type']}}"><time>{{clock(entry['ts'])}}</time> {{entry['value']}}
 % if entry['by']:
       <small>· {{entry['by']}}</small>
 % end

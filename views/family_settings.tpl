@@ -1,4 +1,5 @@
-%# Family details, archive and the button editor (included by family.tpl).
+%# Family details, archive and the button editor (included by family.tpl): editor holds the rows
+%# of the form (groups with their buttons), the JSON stays under Advanced.
 <div class="columns">
 <section id="details" class="card">
 <h2>Details</h2>
@@ -47,6 +48,37 @@
   </div>
 % end
 </div>
+% if 'buttons' in errors:
+<p class="error" role="alert">{{errors['buttons']}}</p>
+% end
+<form method="post" action="/admin/families/{{family['id']}}/buttons#buttons" id="buttons" class="editor">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<p class="hint">Rename by typing; tick Remove (or empty the name) to take a button or group away; the numbers set the order.
+A <em>state</em> group's tap lasts until the next tap in that group, with a timer if ticked; <em>counted</em> states add up to minutes (sleep).</p>
+% for g, group in enumerate(editor, 1):
+<fieldset class="group-edit">
+  <legend>{{group['category'] or 'New group'}}</legend>
+  <div class="edit-row">
+    <label class="grow">Group <input name="g{{g}}.category" value="{{group['category']}}" maxlength="64"></label>
+    <label class="order">Order <input type="number" name="g{{g}}.order" value="{{group['order']}}"></label>
+    <label class="check"><input type="checkbox" name="g{{g}}.stateful"{{' checked' if group['stateful'] else ''}}> State</label>
+    <label class="check"><input type="checkbox" name="g{{g}}.remove"{{' checked' if group['remove'] else ''}}> Remove</label>
+  </div>
+% for b, button in enumerate(group['buttons'], 1):
+  <div class="edit-row button-row">
+    <label class="grow">Button <input name="g{{g}}.b{{b}}.label" value="{{button['label']}}" maxlength="64" placeholder="New button"></label>
+    <label class="order">Order <input type="number" name="g{{g}}.b{{b}}.order" value="{{button['order']}}"></label>
+    <label class="check"><input type="checkbox" name="g{{g}}.b{{b}}.timing"{{' checked' if button['timing'] else ''}}> Timer</label>
+    <label class="check"><input type="checkbox" name="g{{g}}.b{{b}}.counted"{{' checked' if button['counted'] else ''}}> Counted</label>
+    <label class="check"><input type="checkbox" name="g{{g}}.b{{b}}.remove"{{' checked' if button['remove'] else ''}}> Remove</label>
+  </div>
+% end
+</fieldset>
+% end
+<button type="submit" class="primary">Save buttons</button>
+</form>
+<details class="advanced"{{' open' if 'config' in errors else ''}}>
+<summary>Advanced: edit as JSON</summary>
 % if 'config' in errors:
 <p class="error" role="alert">{{errors['config']}}</p>
 % end
@@ -55,7 +87,8 @@
 <label>Button groups (JSON) <textarea name="config" rows="14" spellcheck="false" class="code">{{form['config']}}</textarea></label>
 <p class="hint">A list of groups: <code>{"category": "sleep", "stateful": true, "buttons": [{"label": "sleeping", "counted": true}]}</code>.
 A stateful group's entries set a state that lasts until the next one; <code>counted</code> states add up to minutes.</p>
-<button type="submit" class="primary">Save buttons</button>
+<button type="submit" class="primary">Save JSON</button>
 </form>
+</details>
 </section>
 </div>
