@@ -748,8 +748,9 @@ def test_pages_in_chromium(server, browser, width):
     assert fits(), 'the family page is wider than the window'
     page.screenshot(path=f'{SHOTS}/admin-family-{width}.png', full_page=True)
 
+    page.click('#config summary:has-text("Advanced")')  # the JSON editor waits under Advanced
     page.fill('textarea[name=config]', '[{"category": "sleep",')
-    page.click('button:has-text("Save buttons")')
+    page.click('button:has-text("Save JSON")')
     assert 'This is not valid JSON' in page.inner_text('#config .error')
     assert page.input_value('textarea[name=config]') == '[{"category": "sleep",'
 

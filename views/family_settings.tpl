@@ -66,8 +66,8 @@ A <em>state</em> group's tap lasts until the next tap in that group, with a time
   </div>
 % for b, button in enumerate(group['buttons'], 1):
   <div class="edit-row button-row">
-    <label class="grow">Button <input name="g{{g}}.b{{b}}.label" value="{{button['label']}}" maxlength="64" placeholder="New button"></label>
-    <label class="order">Order <input type="number" name="g{{g}}.b{{b}}.order" value="{{button['order']}}"></label>
+    <label class="grow"><span class="{{'' if b == 1 else 'visually-hidden'}}">Button</span> <input name="g{{g}}.b{{b}}.label" value="{{button['label']}}" maxlength="64" placeholder="New button"></label>
+    <label class="order"><span class="{{'' if b == 1 else 'visually-hidden'}}">Order</span> <input type="number" name="g{{g}}.b{{b}}.order" value="{{button['order']}}"></label>
     <label class="check"><input type="checkbox" name="g{{g}}.b{{b}}.timing"{{' checked' if button['timing'] else ''}}> Timer</label>
     <label class="check"><input type="checkbox" name="g{{g}}.b{{b}}.counted"{{' checked' if button['counted'] else ''}}> Counted</label>
     <label class="check"><input type="checkbox" name="g{{g}}.b{{b}}.remove"{{' checked' if button['remove'] else ''}}> Remove</label>
