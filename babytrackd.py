@@ -534,14 +534,16 @@ def validate_plan(plan):
     unknown = set(plan) - {'wake', 'naps', 'bedtime'}
     if unknown:
         raise Invalid(f'unknown plan field: {sorted(unknown)[0]}')
-    clean = {'wake': check_clock(plan.get('wake'), 'wake'), 'naps': [], 'bedtime': check_clock(plan.get('bedtime'), 'bedtime')}
+    clean = {'wake': check_clock(plan.get('wake'), 'wake'), 'naps': [],
+             'bedtime': check_clock(plan.get('bedtime'), 'bedtime')}
     naps = plan.get('naps', [])
     if not isinstance(naps, list) or len(naps) > 5:
         raise Invalid('naps must be a list of at most 5 naps')
     for number, nap in enumerate(naps, start=1):
         if not isinstance(nap, dict) or set(nap) - {'start', 'end'}:
             raise Invalid(f'nap {number} must be {{"start": "HH:MM", "end": "HH:MM"}}')
-        start, end = check_clock(nap.get('start'), f'nap {number} start'), check_clock(nap.get('end'), f'nap {number} end')
+        start = check_clock(nap.get('start'), f'nap {number} start')
+        end = check_clock(nap.get('end'), f'nap {number} end')
         if start >= end:
             raise Invalid(f'nap {number} must start before it ends')
         clean['naps'].append({'start': start, 'end': end})
@@ -1296,7 +1298,8 @@ def serve_socket(ws, link, since):
     log.info('socket open family=%s', family_id)
     try:
         members = hub.members(family_id)
-        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': family_cursor(family_id), 'plan': get_plan(family_id), 'notes': list_notes(family_id, now_ms() - 60 * DAY_MS)},
+        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': family_cursor(family_id),
+                           'plan': get_plan(family_id), 'notes': list_notes(family_id, now_ms() - 60 * DAY_MS)},
                           separators=(',', ':'))
         peer.send(f'{{"type":"init","entries":{entries_json(family_id, since)},{rest[1:]}')
         presence = json.dumps({'type': 'presence', 'members': members})
@@ -1802,68 +1805,65 @@ def admin_links_revoke(family_id, token):
 
 # The button editor's fields: g1.category, g1.stateful, g1.order, g1.remove, g1.b2.label, g1.b2.counted ...
 EDITOR_FIELD = re.compile(r'g(\d{1,2})\.(?:b(\d{1,2})\.)?(category|stateful|label|timing|counted|order|remove)')
+GROUP_ROW = {'category': '', 'stateful': False, 'order': '', 'remove': False}
+BUTTON_ROW = {'label': '', 'timing': False, 'counted': False, 'order': '', 'remove': False}
 
 
 def editor_rows(config):
-    """Return the button editor's rows for a config, numbered in order, with an empty button per group and a new group."""
-    blank = {'label': '', 'timing': False, 'counted': False, 'remove': False}
-    groups = [*config, {'category': '', 'buttons': []}]
-    return [{'category': group['category'], 'stateful': bool(group.get('stateful')), 'order': str(g), 'remove': False,
-             'buttons': [dict(blank, label=b.get('label', ''), timing=bool(b.get('timing')), counted=bool(b.get('counted')),
-                              order=str(n)) for n, b in enumerate([*group['buttons'], {}] + [{}] * (not group['buttons']), 1)]}
-            for g, group in enumerate(groups, 1)]
+    """Return the button editor's rows for a config, with an empty button in each group and a new group to fill in."""
+    def buttons(group):
+        return [dict(BUTTON_ROW, label=b.get('label', ''), timing=bool(b.get('timing')), counted=bool(b.get('counted')),
+                     order=str(n)) for n, b in enumerate(group['buttons'] + [{}], 1)]
+    return [dict(GROUP_ROW, category=group['category'], stateful=bool(group.get('stateful')), order=str(g),
+                 buttons=buttons(group))
+            for g, group in enumerate(config + [{'category': '', 'buttons': [{}]}], 1)]
 
 
 def editor_typed(data):
-    """Return the button editor's rows as they were typed."""
+    """Return the button editor's rows as they were typed (none when the form was another one)."""
     groups = {}
     for key, value in data.items():
         if match := EDITOR_FIELD.fullmatch(key):
             g, b, field = match.groups()
-            row = groups.setdefault(int(g), {'category': '', 'stateful': False, 'order': '', 'remove': False, 'buttons': {}})
+            row = groups.setdefault(int(g), dict(GROUP_ROW, buttons={}))
             if b is not None:
-                row = row['buttons'].setdefault(int(b), {'label': '', 'timing': False, 'counted': False, 'order': '', 'remove': False})
+                row = row['buttons'].setdefault(int(b), dict(BUTTON_ROW))
             row[field] = value if field in ('category', 'label', 'order') else True  # a checkbox is sent only when ticked
     return [dict(row, buttons=[row['buttons'][b] for b in sorted(row['buttons'])]) for _, row in sorted(groups.items())]
 
 
 def editor_config(groups):
-    """Return the button groups the editor's rows describe (removed and empty rows left out, in their order), or raise Invalid."""
+    """Return the button groups that the editor's rows describe, in their order, or raise Invalid."""
     def ordered(rows, what):
-        keyed = []
-        for index, row in enumerate(rows):
-            order = row['order'].strip()
-            if order and not re.fullmatch(r'-?\d{1,6}', order):
-                raise Invalid(f'The order of {what} must be a whole number, not "{order}".')
-            keyed.append((int(order) if order else 10**6, index))
-        return [rows[index] for _, index in sorted(keyed)]
+        for row in rows:
+            if row['order'].strip() and not re.fullmatch(r'-?\d{1,6}', row['order'].strip()):
+                raise Invalid(f'The order of {what} must be a whole number, not "{row["order"].strip()}".')
+        return sorted(rows, key=lambda row: int(row['order']) if row['order'].strip() else 10**6)  # ties keep their place
     config = []
     for group in ordered(groups, 'a group'):
-        name = group['category'].strip()
-        buttons = [{'label': b['label'].strip(), **{flag: b[flag] for flag in ('timing', 'counted') if b[flag] or group['stateful']}}
+        name, stateful = group['category'].strip(), group['stateful']
+        buttons = [{'label': b['label'].strip(), **{flag: b[flag] for flag in ('timing', 'counted') if b[flag] or stateful}}
                    for b in ordered(group['buttons'], f'a button in "{name}"') if b['label'].strip() and not b['remove']]
-        if group['remove'] or not (name or buttons):
+        if group['remove'] or not (name or buttons):  # removed, or an empty row left as it was
             continue
         if not name:
             raise Invalid(f'The group with the button "{buttons[0]["label"]}" needs a name (or tick Remove).')
         if not buttons:
             raise Invalid(f'The group "{name}" needs at least one button (or tick Remove).')
-        config.append({'category': name, **({'stateful': True} if group['stateful'] else {}), 'buttons': buttons})
+        config.append({'category': name, **({'stateful': True} if stateful else {}), 'buttons': buttons})
     return validate_config(config)
 
 
 def plan_fields(plan):
-    """Return the plan form's fields for a plan (empty when there is none)."""
-    naps = (plan or {}).get('naps', [])
+    """Return the plan form's fields wake, bedtime and nap1_start ... nap5_end (empty without a plan)."""
     fields = {'wake': plan['wake'] if plan else '', 'bedtime': plan['bedtime'] if plan else ''}
-    for number in range(1, 6):
-        nap = naps[number - 1] if number <= len(naps) else {'start': '', 'end': ''}
-        fields.update({f'nap{number}_start': nap['start'], f'nap{number}_end': nap['end']})
+    for n, nap in enumerate(((plan or {}).get('naps', []) + [{'start': '', 'end': ''}] * 5)[:5], 1):
+        fields.update({f'nap{n}_start': nap['start'], f'nap{n}_end': nap['end']})
     return fields
 
 
 def planned_minutes(plan):
-    """Return the plan's sleep as (first minute, minutes) on the wall clock: the naps and the night from bedtime to wake."""
+    """Return the plan's sleep as (first minute, minutes) on the wall clock: the night from bedtime to wake, the naps."""
     if not plan:
         return []
     minute = lambda hhmm: int(hhmm[:2]) * 60 + int(hhmm[3:])
@@ -1897,8 +1897,9 @@ def family_page(family, date_text, errors=None, typed=None):
             'summary': summary, 'chart': sleep_chart(family, date, now), 'config': config, 'form': form,
             'links': list_links(family['id']), 'online': {p.token for p in hub.peers(family['id'])},
             'changes': recent_changes(family['id']), 'errors': errors or {}, 'zones': time_zones(), 'now': now,
-            'plan': plan, 'planned': planned_minutes(plan), 'within': within, 'notes': notes, 'day_notes': [n for n in notes if n['date'] == str(date)],
-            'editor': editor_typed(typed) if typed and any(EDITOR_FIELD.fullmatch(k) for k in typed) else editor_rows(config),
+            'plan': plan, 'planned': planned_minutes(plan), 'within': within, 'notes': notes,
+            'day_notes': [n for n in notes if n['date'] == str(date)],
+            'editor': editor_typed(typed or {}) or editor_rows(config),
             'hm': hm, 'clock': lambda ms: f'{local_time(ms, tz):%H:%M}', 'when': lambda ms: when(ms, tz, now)}
 
 
@@ -1991,7 +1992,8 @@ def admin_config_form(family_id):
 def admin_buttons_form(family_id):
     """The family page's button editor (no JSON): checked like the JSON, stored and pushed to the family's devices."""
     def store(family, data):
-        hub.broadcast(family['id'], {'type': 'config', 'data': save_config(family['id'], editor_config(editor_typed(data)))})
+        groups = save_config(family['id'], editor_config(editor_typed(data)))
+        hub.broadcast(family['id'], {'type': 'config', 'data': groups})
     return family_form(family_id, 'buttons', store)
 
 
@@ -2012,7 +2014,8 @@ def admin_plan_form(family_id):
 def admin_notes_form(family_id):
     """The family page's note form: a date and the text; the note reaches the family's devices at once."""
     def write(family, data):
-        hub.broadcast(family['id'], {'type': 'note', 'note': create_note(family['id'], data.get('date', ''), data.get('text', ''))})
+        note = create_note(family['id'], data.get('date', ''), data.get('text', ''))
+        hub.broadcast(family['id'], {'type': 'note', 'note': note})
     return family_form(family_id, 'notes', write)
 
 
