@@ -963,7 +963,7 @@ def test_daily_snapshots_keep_the_newest(bt, monkeypatch, tmp_path):
 
 def test_health_is_503_when_the_database_cannot_be_read(bt, web):
     bt.db.close()
-    assert web.get('/health', status=503).json == {'ok': False}
+    assert web.get('/health', status=503).json == {'ok': False, 'reason': 'the database cannot be read'}
 
 
 def test_fly_toml_agrees_with_the_app(bt):
