@@ -645,16 +645,18 @@ def wins(new, old):
 entry_counts = {}  # family id -> (entries, the family's highest seq then): counted once, not on every write
 
 
-def check_family_room(family_id, seq):
-    """Refuse a new entry beyond FAMILY_MAX_ENTRIES; `seq` is the one it is about to take.
-    The count is kept while the family's highest seq is the one we gave it; any other write recounts."""
+def check_family_room(family_id, seq, new):
+    """Refuse a new entry beyond FAMILY_MAX_ENTRIES; `seq` is the one this write is about to take.
+    The count is kept while the family's highest seq is one we gave it; after any other writer, the next new entry recounts."""
     top = db.execute('SELECT MAX(seq) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
     count, seen = entry_counts.get(family_id, (None, None))
     if count is None or seen != top:
+        if not new:
+            return
         count = db.execute('SELECT COUNT(*) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
-    if count >= FAMILY_MAX_ENTRIES:
+    if new and count >= FAMILY_MAX_ENTRIES:
         raise Invalid(f'this family has reached its limit of {FAMILY_MAX_ENTRIES} entries')
-    entry_counts[family_id] = (count + 1, seq)
+    entry_counts[family_id] = (count + new, seq)
 
 
 def apply_entry(family_id, action, message, by, now=None):
@@ -689,8 +691,7 @@ def apply_entry(family_id, action, message, by, now=None):
         if stored and not wins(new, stored):
             return 'stale', 'update', stored
         seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]
-        if stored is None:
-            check_family_room(family_id, seq)
+        check_family_room(family_id, seq, new=stored is None)
         db.execute("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                       ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, type = excluded.type, value = excluded.value,
