@@ -957,7 +957,7 @@ login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 # Hub ##########################################################################
 ###############################################################################
 
-# The sync protocol (CONTRACT section 5), server side:
+# The sync protocol (PROTOCOL.md in the repository), server side:
 # - A device connects to /ws?family=ID&since=SEQ with its link cookie; it is registered, gets
 #   `init` (entries since SEQ, config, members, cursor), and every other device gets `presence`.
 # - Each accepted write is committed first, then broadcast to every socket of the family, the
