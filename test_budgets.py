@@ -55,14 +55,14 @@ def get(server, path):
 # Write budget -----------------------------------------------------------------------------------
 
 def test_a_link_over_its_write_budget_is_told_to_wait_and_nothing_is_stored(running, tmp_path):
-    server, _, family = running(tmp_path, WS_WRITE_BURST=4, WS_WRITE_RATE=0.5)
+    server, _, family = running(tmp_path, WS_WRITE_BURST=4, WS_WRITE_RATE=0.2)  # one more every 5 s
     phone, tablet = Device(server, family['id'], family['Mum']), Device(server, family['id'], family['Mum'])
     assert add(phone, 'a1')['type'] == 'entry' and add(tablet, 'a2')['type'] == 'entry'
     phone.send({'type': 'config', 'data': [{'category': 'feed', 'buttons': [{'label': 'bottle'}]}]})
     phone.recv_until(lambda m: m['type'] == 'config')
     assert add(tablet, 'a3')['type'] == 'entry'  # four writes from two sockets of one link: the burst
     refused = add(phone, 'a4')
-    assert refused == {'type': 'error', 'error': 'too many messages', 'retry_after': 2}  # no id: keep it, resend
+    assert refused == {'type': 'error', 'error': 'too many messages', 'retry_after': 5}  # no id: keep it, resend
     phone.send({'type': 'ping'})  # pings are free
     phone.recv_until(lambda m: m['type'] == 'pong')
     assert 'a4' not in stored_entries(server, family['id'])
@@ -214,3 +214,17 @@ def test_the_limiter_forgets_old_failures_as_it_goes_and_says_how_long_to_wait(b
     assert [row['address'] for row in bt.db.execute('SELECT address FROM login_failures')] == ['5.6.7.8']
     limiter.forgive('5.6.7.8')
     assert bt.db.execute('SELECT COUNT(*) FROM login_failures').fetchone()[0] == 0
+
+
+def test_an_admin_form_that_hits_a_full_disk_says_so_and_changes_nothing(bt, logged_in):
+    form = next(f for f in logged_in.get('/admin').forms.values() if f.action.endswith('/admin/families/new'))
+    bt.db.execute('PRAGMA max_page_count = 1')  # the file may not grow: a full disk
+    typed = {'csrf': form['csrf'].value, 'name': 'Olivia', 'notes': 'n' * 9_000, 'tz': 'UTC'}
+    page = logged_in.post('/admin/families/new', typed, status=503, expect_errors=True)  # Bottle logs the fault
+    assert page.headers['Retry-After'] == '5' and 'nothing was changed' in page.text and 'Traceback' not in page.text
+    assert bt.list_families(True) == []
+    assert logged_in.get('/health', status=503).json['reason'] == 'writes fail: database or disk is full'
+    bt.db.execute('PRAGMA max_page_count = 1073741823')  # space freed: the same form goes through
+    logged_in.post('/admin/families/new', typed, status=303)
+    assert [f['name'] for f in bt.list_families(True)] == ['Olivia']
+    assert logged_in.get('/health').json['ok'] is True
