@@ -304,6 +304,7 @@ class transaction:
 
     @staticmethod
     def noted(error):
+        """Remember a storage fault for /health and count it for /metrics."""
         if isinstance(error, sqlite3.Error) and storage_error(error):
             storage['fault'], storage['faults'] = str(error), storage['faults'] + 1
 
