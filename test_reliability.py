@@ -322,7 +322,7 @@ def assert_nothing_seen_was_lost(server, family_id, writers):
 
 def test_a_crash_loses_and_doubles_no_acknowledged_tap_and_every_outbox_drains(tmp_path):
     rng = random.Random(CRASH_SEED)
-    server = Server(tmp_path)
+    server = Server(tmp_path, WS_WRITE_BURST=10 ** 9)  # about crashes, not budgets: longer runs must not be paced
     writing, up, stop = threading.Event(), threading.Event(), threading.Event()
     writers = []
     try:
@@ -398,7 +398,7 @@ def test_a_crash_loses_and_doubles_no_acknowledged_tap_and_every_outbox_drains(t
 @pytest.fixture(scope='module')
 def shared(tmp_path_factory):
     """One server and a logged-in admin for the convergence and fuzz tests (each uses its own families)."""
-    server = Server(tmp_path_factory.mktemp('reliability'))
+    server = Server(tmp_path_factory.mktemp('reliability'), WS_WRITE_BURST=10 ** 9)  # longer fuzz runs: no pacing
     admin = AdminClient(server)
     admin.login()
     yield server, admin
