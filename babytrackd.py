@@ -47,6 +47,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import random
 import re
 import secrets
@@ -261,15 +262,51 @@ def open_db(path=None):
     return conn
 
 
+# SQLite's answers that mean the disk will not take a write now (full, read-only, I/O error, locked
+# past busy_timeout): the client is told to retry, and /health says so until a write succeeds.
+STORAGE_ERRORS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN,
+                  sqlite3.SQLITE_BUSY}
+STORAGE_RETRY = 5  # seconds a client is asked to wait after a storage fault
+storage = {'fault': None, 'faults': 0}  # the last write's storage error (None once a write succeeds); a count
+
+
+def storage_error(error):
+    """Tell whether a sqlite3 error means the disk will not take a write now."""
+    return getattr(error, 'sqlite_errorcode', 0) & 0xff in STORAGE_ERRORS
+
+
 class transaction:
-    """`with transaction():` wraps writes in BEGIN IMMEDIATE/COMMIT; never yield inside one."""
+    """`with transaction():` wraps writes in BEGIN IMMEDIATE/COMMIT; never yield inside one.
+    It keeps `storage` current: a storage fault sets it, a committed change clears it."""
 
     def __enter__(self):
-        db.execute('BEGIN IMMEDIATE')
+        try:
+            db.execute('BEGIN IMMEDIATE')
+        except sqlite3.Error as error:
+            self.noted(error)
+            raise
+        self.changes = db.total_changes
         return db
 
     def __exit__(self, kind, value, trace):
-        db.execute('ROLLBACK' if kind else 'COMMIT')
+        try:
+            if kind is None:
+                db.execute('COMMIT')
+                if db.total_changes > self.changes:
+                    storage['fault'] = None
+        except sqlite3.Error as error:
+            value = error
+            raise
+        finally:
+            if db.in_transaction:  # an error, or a COMMIT that failed (disk full): undo it all
+                db.execute('ROLLBACK')
+            self.noted(value)
+
+    @staticmethod
+    def noted(error):
+        """Remember a storage fault for /health and count it for /metrics."""
+        if isinstance(error, sqlite3.Error) and storage_error(error):
+            storage['fault'], storage['faults'] = str(error), storage['faults'] + 1
 
 
 def one(sql, *args):
@@ -689,6 +726,23 @@ def wins(new, old):
     return key(new) > key(old)
 
 
+entry_counts = {}  # family id -> (entries, the family's highest seq then): counted once, not on every write
+
+
+def check_family_room(family_id, seq, new):
+    """Refuse a new entry beyond FAMILY_MAX_ENTRIES; `seq` is the one this write is about to take.
+    The count is kept while the family's highest seq is one we gave it; after any other writer, the next new entry recounts."""
+    top = db.execute('SELECT MAX(seq) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
+    count, seen = entry_counts.get(family_id, (None, None))
+    if count is None or seen != top:
+        if not new:
+            return
+        count = db.execute('SELECT COUNT(*) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
+    if new and count >= FAMILY_MAX_ENTRIES:
+        raise Invalid(f'this family has reached its limit of {FAMILY_MAX_ENTRIES} entries')
+    entry_counts[family_id] = (count + new, seq)
+
+
 def apply_entry(family_id, action, message, by, now=None):
     """Apply one client write under the sync rules; return (outcome, action, entry).
 
@@ -721,6 +775,7 @@ def apply_entry(family_id, action, message, by, now=None):
         if stored and not wins(new, stored):
             return 'stale', 'update', stored
         seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]
+        check_family_room(family_id, seq, new=stored is None)
         db.execute("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                       ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, type = excluded.type, value = excluded.value,
@@ -944,36 +999,39 @@ def end_session(token):
 
 
 class RateLimiter:
-    """Counts failures per client address in a sliding window."""
+    """Counts failures per client address in a sliding window, kept in SQLite so a restart forgets nothing."""
 
     def __init__(self, limit, window):
-        self.limit, self.window, self.failures = limit, window, {}
+        self.limit, self.window = limit, window
 
     def _recent(self, key, now):
-        times = self.failures.get(key)
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if times is not None and not times:
-            del self.failures[key]
-        return times or ()
+        """Return the address's failures inside the window (ms), newest first."""
+        start = (time.time() if now is None else now) * 1000 - self.window * 1000
+        return [row[0] for row in db.execute('SELECT at FROM login_failures WHERE address = ? AND at > ? ORDER BY at DESC',
+                                             (key, start))]
 
     def blocked(self, key, now=None):
         """Tell whether the address has used up its failures."""
-        return len(self._recent(key, time.monotonic() if now is None else now)) >= self.limit
+        return len(self._recent(key, now)) >= self.limit
+
+    def retry_after(self, key, now=None):
+        """Return the whole seconds until the address may try again (0 when it may now)."""
+        now = time.time() if now is None else now
+        times = self._recent(key, now)
+        return 0 if len(times) < self.limit else max(1, math.ceil(times[self.limit - 1] / 1000 + self.window - now))
 
     def fail(self, key, now=None):
-        """Record one failure for the address."""
-        now = time.monotonic() if now is None else now
-        if len(self.failures) > 10_000:  # many addresses: forget the ones whose window has passed
-            for other in list(self.failures):
-                self._recent(other, now)
-        self._recent(key, now)
-        self.failures.setdefault(key, deque()).append(now)
+        """Record one failure for the address, forgetting every failure whose window has passed."""
+        at = int((time.time() if now is None else now) * 1000)
+        with transaction():
+            db.execute('DELETE FROM login_failures WHERE at <= ?', (at - self.window * 1000,))
+            db.execute('INSERT INTO login_failures (address, at) VALUES (?, ?)', (key, at))
 
     def forgive(self, key):
         """Take back the address's latest failure (the attempt it stood for succeeded)."""
-        if self.failures.get(key):
-            self.failures[key].pop()
+        with transaction():
+            db.execute("""DELETE FROM login_failures WHERE rowid = (
+                            SELECT rowid FROM login_failures WHERE address = ? ORDER BY at DESC LIMIT 1)""", (key,))
 
 
 login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
@@ -983,7 +1041,7 @@ login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 # Hub ##########################################################################
 ###############################################################################
 
-# The sync protocol (CONTRACT section 5), server side:
+# The sync protocol (PROTOCOL.md in the repository), server side:
 # - A device connects to /ws?family=ID&since=SEQ with its link cookie; it is registered, gets
 #   `init` (entries since SEQ, config, members, cursor), and every other device gets `presence`.
 # - Each accepted write is committed first, then broadcast to every socket of the family, the
@@ -1126,7 +1184,15 @@ class Peer:
                 return None
             payload = unmask(payload, header.mask)
             self.last_heard = time.monotonic()
-            if header.opcode == OP_CLOSE:
+            if header.opcode == OP_CLOSE:  # RFC 6455 7.4: no code, or one that may be sent, then UTF-8
+                code = struct.unpack('!H', payload[:2])[0] if len(payload) >= 2 else None
+                if len(payload) == 1 or code is not None and not (1000 <= code <= 1003 or 1007 <= code <= 1014
+                                                                  or 3000 <= code <= 4999):
+                    raise CloseConnection(CLOSE_PROTOCOL, 'close code not allowed')
+                try:
+                    payload[2:].decode('utf-8')
+                except UnicodeDecodeError:
+                    raise CloseConnection(CLOSE_BAD_DATA, 'close reason must be UTF-8') from None
                 return None
             if header.opcode == OP_PING:
                 self.send_frame(frame(OP_PONG, payload))
@@ -1260,9 +1326,41 @@ def parse_message(text):
     return message
 
 
+class Busy(Invalid):
+    """A message refused for a while, not for what it says: the answer names no id, so the device
+    keeps it and sends it again after `retry_after` seconds."""
+
+    def __init__(self, reason, retry_after):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+write_budgets = {}  # link token -> (messages left, when): outlives the link's sockets, so reconnecting refills nothing
+
+
+def spend_write(token, now=None):
+    """Take one writing message from the link's budget (a token bucket); return 0, or the seconds to wait."""
+    now = time.monotonic() if now is None else now
+    left, then = write_budgets.get(token, (WS_WRITE_BURST, now))
+    left = min(WS_WRITE_BURST, left + (now - then) * WS_WRITE_RATE)
+    if left < 1:
+        write_budgets[token] = (left, now)
+        return math.ceil((1 - left) / WS_WRITE_RATE)
+    if len(write_budgets) > 10_000:  # forget the links whose bucket is full again: that is what a new one is
+        for other, (was, at) in list(write_budgets.items()):
+            if was + (now - at) * WS_WRITE_RATE >= WS_WRITE_BURST:
+                del write_budgets[other]
+    write_budgets[token] = (left - 1, now)
+    return 0
+
+
 def handle_message(peer, message):
     """Act on one client message: store, then broadcast or answer the sender."""
     kind = message.get('type')
+    if kind in ('entry', 'config'):
+        wait = spend_write(peer.token)
+        if wait:
+            raise Busy('too many messages', wait)
     if kind == 'ping':
         peer.send('{"type":"pong"}')
     elif kind == 'entry':
@@ -1283,6 +1381,8 @@ def handle_message(peer, message):
 def refusal(error, message):
     """Return the error message for a refused client message, naming its entry id when it had one."""
     reply = {'type': 'error', 'error': str(error)}
+    if isinstance(error, Busy):
+        return json.dumps(dict(reply, retry_after=error.retry_after))
     entry = message.get('entry') if isinstance(message, dict) else None
     entry_id = message.get('id') if isinstance(message, dict) and 'id' in message else (
         entry.get('id') if isinstance(entry, dict) else None)
@@ -1329,6 +1429,11 @@ def serve_socket(ws, link, since):
             except Invalid as error:
                 stats['messages_refused'] += 1
                 peer.send(refusal(error, message))
+            except sqlite3.Error as error:  # nothing was stored, so nothing is acknowledged
+                if not storage_error(error):
+                    raise
+                stats['messages_refused'] += 1
+                peer.send(refusal(Busy('storage unavailable', STORAGE_RETRY), message))
             gevent.sleep(0)  # let the writers send this before a device flushing its outbox goes on
     finally:
         hub.leave(peer)
@@ -1436,14 +1541,18 @@ def page(name, **values):
 
 def error_handler(error):
     """Answer every error as JSON or a small page; never a traceback."""
-    if error.status_code >= 500:  # Bottle has written the traceback to wsgi.errors, our log
+    if storage_error(error.exception):  # disk full, read-only, I/O error: nothing was saved
+        response.status = 503
+        response.set_header('Retry-After', str(STORAGE_RETRY))
+        message = f'The server cannot save right now; nothing was changed. Please try again in {STORAGE_RETRY} seconds.'
+    elif error.status_code >= 500:  # Bottle has written the traceback to wsgi.errors, our log
         message = 'Something went wrong on the server. Please try again.'
     else:
         message = error.body if isinstance(error.body, str) and error.body else error.status_line
     if wants_json() or request.path.startswith(('/ws', '/app/me', '/health')):
         response.content_type = 'application/json'
         return json.dumps({'error': message})
-    return page('message', title=error.status_line, message=message)
+    return page('message', title=response.status_line, message=message)
 
 
 app.default_error_handler = error_handler
@@ -1492,12 +1601,16 @@ def family_or_404(family_id):
 
 @app.get('/health')
 def health():
-    """Answer 200 while the database can be read."""
+    """Answer 200 while the database can be read and the last write went through."""
     try:
         db.execute('SELECT COUNT(*) FROM admins').fetchone()
     except sqlite3.Error:
         response.status = 503
-        return {'ok': False}
+        return {'ok': False, 'reason': 'the database cannot be read'}
+    if storage['fault']:
+        response.status = 503
+        response.set_header('Retry-After', str(STORAGE_RETRY))
+        return {'ok': False, 'reason': f'writes fail: {storage["fault"]}'}
     return {'ok': True, 'version': VERSION}
 
 
@@ -2119,6 +2232,7 @@ def metrics():
     response.content_type = 'text/plain; version=0.0.4'
     lines = [f'babytrackd_{name}_total {value}' for name, value in sorted(stats.items())]
     lines.append(f'babytrackd_open_sockets {len(hub.peers())}')
+    lines.append(f'babytrackd_storage_faults_total {storage["faults"]}')
     lines.append(f'babytrackd_resident_memory_bytes {rss_bytes()}')
     backup = latest_backup()
     if backup:
@@ -2241,6 +2355,9 @@ def serve(host=HOST, port=PORT):
     server.start()
     gc.freeze()  # what start-up made lives for good: keep it out of every later collection's scan
     hub.start()
+    if os.environ.get('BABYTRACKD_TEST_MAX_PAGES'):  # tests fill the "disk" with this, and free it with SIGUSR1
+        db.execute(f"PRAGMA max_page_count = {int(os.environ['BABYTRACKD_TEST_MAX_PAGES'])}")
+        gevent.signal_handler(signal.SIGUSR1, lambda: db.execute('PRAGMA max_page_count = 1073741823'))
     db.execute('PRAGMA wal_autocheckpoint = 4000')  # 16 MB: reached only when the thread cannot keep up
     background = [gevent.spawn(maintenance_loop), gevent.spawn(checkpoint_loop)]
     log.info('babytrackd %s listening on %s:%s', VERSION, host, server.server_port)

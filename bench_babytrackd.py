@@ -69,6 +69,7 @@ class Server:
                    ADMIN_PASS=bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode(),
                    BASE_URL=f'http://127.0.0.1:{self.port}', LOG_LEVEL='error')
         env.pop('BABYTRACKD_NO_PATCH', None)
+        env.update(WS_WRITE_BURST='1000000000', WS_WRITE_RATE='1000000')  # a link's write budget would pace the throughput runs
         python = [sys.executable]
         if no_pth:  # site-packages on the path, but none of their .pth start-up hooks
             python, env['PYTHONPATH'] = [sys.executable, '-S'], os.pathsep.join(site.getsitepackages())

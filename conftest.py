@@ -214,7 +214,6 @@ def bt(tmp_path, monkeypatch):
     import babytrackd
     babytrackd.open_db(str(tmp_path / 'babytrack.db'))
     babytrackd.ensure_admin('jane', ADMIN_PASSWORD)
-    babytrackd.login_limiter.failures.clear()
     yield babytrackd
     babytrackd.db.close()
 
