@@ -1,4 +1,4 @@
-%# Family page: expects family, date, prev, next, summary (hours with sleep), chart, links, online,
+%# Family page: expects family, date, prev, next, summary (hours with sleep), chart, nights, links, online,
 %# config, changes, form (what each form shows), errors (section -> message), zones, now, csrf,
 %# and the formatters hm (minutes), clock (ms -> 19:42) and when (ms -> 'yesterday 19:42').
 % rebase('base.tpl', title=family['name'])
@@ -24,6 +24,7 @@
 % end
 % include('family_day.tpl')
 % include('family_chart.tpl')
+% include('family_nights.tpl')
 <div class="columns">
 % include('family_links.tpl')
 % include('family_activity.tpl')

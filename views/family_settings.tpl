@@ -11,6 +11,10 @@
 <label>Notes <textarea name="notes" rows="4" maxlength="10000">{{form['notes']}}</textarea></label>
 <label for="family-tz">Time zone</label>
 % include('tz_select.tpl', id='family-tz', selected=form['tz'])
+<div class="pair">
+<label>Night starts <input type="time" name="night_start" value="{{form['night_start']}}" required></label>
+<label>Night ends <input type="time" name="night_end" value="{{form['night_end']}}" required></label>
+</div>
 <button type="submit" class="primary">Save details</button>
 </form>
 % if family['archived']:
