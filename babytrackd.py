@@ -808,29 +808,6 @@ def night_bounds(family, date):
             wall_clock(following, family['night_end'], tz))
 
 
-# The sleep category's state as runs (asleep or not) for each window [start, stop) given in :windows as
-# [[family id, start, stop]...]: the live entries inside plus the one carried in, a run beginning where
-# asleep-ness changes. `until` is the next run's start (NULL: still going); `prior` the previous run's.
-SLEEP_RUNS = """
-  windows AS (SELECT value ->> 0 AS family_id, value ->> 1 AS start, value ->> 2 AS stop FROM json_each(:windows)),
-  counted AS MATERIALIZED (
-    SELECT w.family_id, b.value ->> 'label' AS label
-    FROM windows w LEFT JOIN configs c ON c.family_id = w.family_id,
-         json_each(COALESCE(c.data, :default_config)) g, json_each(g.value, '$.buttons') b
-    WHERE g.value ->> 'category' = 'sleep' AND g.value ->> 'stateful' AND b.value ->> 'counted'),
-  changes AS (
-    SELECT w.family_id, w.start, w.stop, e.ts, e.id,
-           e.value IN (SELECT label FROM counted c WHERE c.family_id = w.family_id) AS asleep
-    FROM windows w JOIN entries e ON e.family_id = w.family_id
-    WHERE e.type = 'sleep' AND NOT e.deleted AND e.ts < w.stop
-      AND e.ts >= COALESCE((SELECT x.ts FROM entries x WHERE x.family_id = w.family_id AND x.type = 'sleep'
-                            AND NOT x.deleted AND x.ts < w.start ORDER BY x.ts DESC LIMIT 1), w.start)),
-  marked AS (SELECT *, LAG(asleep) OVER (PARTITION BY family_id ORDER BY ts, id) AS before FROM changes),
-  runs AS (
-    SELECT family_id, start, stop, ts AS since, asleep, LAG(ts) OVER run AS prior, LEAD(ts) OVER run AS until
-    FROM marked WHERE before IS NOT asleep WINDOW run AS (PARTITION BY family_id ORDER BY ts, id))"""
-
-
 def night_report(family, days=14, end=None, now=None):
     """Return the family's days and nights up to `end`, oldest first (CONTRACT section 8): one query for the range."""
     now, tz, hour = now_ms() if now is None else now, family['tz'], 3600 * 1000
@@ -841,26 +818,34 @@ def night_report(family, days=14, end=None, now=None):
         raise Invalid('end must be between the years 1900 and 9000')
     dates = [end - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
     bounds = [night_bounds(family, date) for date in dates]
-    window = [family['id'], min(bounds[0][0], bounds[0][1] - 3 * hour), bounds[-1][2] + 3 * hour]
-    runs = []  # [since, end, asleep, closed], clipped to now
-    for since, until, asleep in db.execute(f'WITH {SLEEP_RUNS} SELECT since, until, asleep FROM runs ORDER BY since',
-                                           {'windows': json.dumps([window]), 'default_config': json.dumps(DEFAULT_CONFIG)}):
-        if since < now and (until is None or until > since):
-            runs.append((since, min(now, until or now), bool(asleep), until is not None and until <= now))
+    start, stop = min(bounds[0][0], bounds[0][1] - 3 * hour), bounds[-1][2] + 3 * hour
+    group = next((g for g in get_config(family['id']) if g['category'] == 'sleep' and g.get('stateful')), {'buttons': []})
+    counted, runs = {b['label'] for b in group['buttons'] if b.get('counted')}, []  # runs: [since, end, asleep, closed]
+    for ts, value, until in db.execute("""
+            SELECT ts, value, LEAD(ts) OVER (ORDER BY ts, id) FROM entries
+            WHERE family_id = ? AND type = 'sleep' AND NOT deleted AND ts < ?
+              AND ts >= COALESCE((SELECT ts FROM entries WHERE family_id = ? AND type = 'sleep' AND NOT deleted
+                                  AND ts < ? ORDER BY ts DESC LIMIT 1), ?)
+            ORDER BY ts, id""", (family['id'], stop, family['id'], start, start)):
+        if ts >= now:
+            break
+        span = [ts, min(now, until or now), value in counted, until is not None and until <= now]
+        if runs and runs[-1][2] == span[2]:  # a state tapped twice is one run
+            runs[-1][1:] = span[1:]
+        elif span[1] > ts:
+            runs.append(span)
     starts, plan, report = [run[0] for run in runs], get_plan(family['id']), []
     for date, (day_start, night_start, night_end) in zip(dates, bounds):
         near = range(max(0, bisect.bisect_right(starts, day_start) - 1), bisect.bisect_left(starts, night_end + 3 * hour))
-        asleep = lambda i: 0 <= i < len(runs) and runs[i][2]
-        bed = next((i for i in near if asleep(i) and night_start - 3 * hour <= runs[i][0] < night_end
-                    and runs[i][1] > night_start), None)
-        night = [min(runs[i][1], night_end) - max(runs[i][0], night_start) for i in near
-                 if asleep(i) and runs[i][0] < night_end and runs[i][1] > night_start]
-        last = next((runs[i] for i in reversed(near) if asleep(i) and runs[i][0] < night_end and runs[i][1] > night_start), None)
+        slept = [i for i in near if runs[i][2] and runs[i][0] < night_end and runs[i][1] > night_start]
+        bed = next((i for i in slept if runs[i][0] >= night_start - 3 * hour), None)
+        night = [min(runs[i][1], night_end) - max(runs[i][0], night_start) for i in slept]
+        last = runs[slept[-1]] if slept else None
         morning = last[1] if last and last[3] and last[1] <= night_end + 3 * hour else None
-        wakings = [runs[i][1] - runs[i][0] for i in near if not asleep(i) and asleep(i - 1) and asleep(i + 1)
-                   and runs[i][3] and night_start < runs[i][0] and runs[i][1] < night_end]
-        naps = [i for i in near if asleep(i) and day_start <= runs[i][0] < night_start and i != bed]
-        awake_before = [runs[i - 1][1] - runs[i - 1][0] for i in naps + [bed] if i and not asleep(i - 1)]
+        wakings = [runs[i][1] - runs[i][0] for i in near if i and not runs[i][2] and runs[i][3]  # runs alternate:
+                   and night_start < runs[i][0] and runs[i][1] < night_end]  # asleep before and after
+        naps = [i for i in near if runs[i][2] and day_start <= runs[i][0] < night_start and i != bed]
+        awake_before = [runs[i - 1][1] - runs[i - 1][0] for i in naps + [bed] if i]
         diff = {'bedtime_minutes': None, 'wake_minutes': None}
         if plan and bed is not None:
             bed_date = date + dt.timedelta(days=plan['bedtime'] <= family['night_end'])  # a bedtime after midnight
@@ -882,31 +867,49 @@ def night_report(family, days=14, end=None, now=None):
 
 def family_flags(families, now):
     """Return {family id: [(code, words)...]}: the triage flags of the active ones (CONTRACT section 8), one query for all."""
-    active, windows = {f['id']: f for f in families if not f['archived']}, []
-    for family in active.values():  # each one's last complete night, on its own clock
-        today = local_today(family['tz'], now)
-        bounds = night_bounds(family, today - dt.timedelta(days=1))
-        windows.append([family['id'], *(bounds if bounds[2] <= now else night_bounds(family, today - dt.timedelta(days=2)))[1:]])
-    found = db.execute(f"""
-        WITH {SLEEP_RUNS},
-        nights AS (
-          SELECT family_id, SUM(CASE WHEN asleep THEN MIN(COALESCE(until, stop), stop) - MAX(since, start) END) AS asleep_ms,
-                 SUM(NOT asleep AND prior IS NOT NULL AND since > start AND until IS NOT NULL) AS wakings
-          FROM runs GROUP BY family_id),
+    active, windows, nights = {f['id']: f for f in families if not f['archived']}, [], {}
+    for family in active.values():  # each one's last complete night, on its own clock (worked out once per clock)
+        clock = (family['tz'], family['night_start'], family['night_end'])
+        if clock not in nights:
+            yesterday = local_today(family['tz'], now) - dt.timedelta(days=1)
+            nights[clock] = next(bounds[1:] for date in (yesterday, yesterday - dt.timedelta(days=1))
+                                 if (bounds := night_bounds(family, date))[2] <= now)
+        windows.append([family['id'], *nights[clock]])
+    found = db.execute("""
+        WITH windows AS MATERIALIZED (  -- each family's last complete night, and its counted sleep labels
+          SELECT w.value ->> 0 AS family_id, w.value ->> 1 AS start, w.value ->> 2 AS stop,
+                 CASE WHEN c.data IS NULL THEN :default_counted ELSE (
+                   SELECT json_group_array(b.value ->> 'label') FROM json_each(c.data) g, json_each(g.value, '$.buttons') b
+                   WHERE g.value ->> 'category' = 'sleep' AND g.value ->> 'stateful' AND b.value ->> 'counted') END AS counted
+          FROM json_each(:windows) w LEFT JOIN configs c ON c.family_id = w.value ->> 0),
+        turns AS (  -- its sleep entries, and the one carried in (none: one row of NULLs), each with the next one's time
+          SELECT w.family_id, w.counted, w.start, e.ts, e.value IN (SELECT value FROM json_each(w.counted)) AS asleep,
+                 LAG(e.value IN (SELECT value FROM json_each(w.counted))) OVER run AS before,
+                 LEAD(e.ts, 1, w.stop) OVER run AS until
+          FROM windows w LEFT JOIN entries e ON e.family_id = w.family_id AND e.type = 'sleep' AND NOT e.deleted
+            AND e.ts < w.stop AND e.ts >= COALESCE((SELECT x.ts FROM entries x WHERE x.family_id = w.family_id
+              AND x.type = 'sleep' AND NOT x.deleted AND x.ts < w.start ORDER BY x.ts DESC LIMIT 1), w.start)
+          WINDOW run AS (PARTITION BY w.family_id ORDER BY e.ts, e.id)),
+        nights AS (  -- a waking begins where asleep turns awake, unless the night ends before the next sleep
+          SELECT family_id, counted, SUM(CASE WHEN asleep THEN until - MAX(ts, start) END) AS asleep_ms,
+                 SUM(ts > start AND before AND NOT asleep)
+                   - IFNULL(MAX(CASE WHEN ts > start AND before AND NOT asleep THEN ts END)
+                            > IFNULL(MAX(CASE WHEN ts > start AND NOT before AND asleep THEN ts END), 0), 0) AS wakings
+          FROM turns GROUP BY family_id),
         expiring AS (
           SELECT family_id, label, MIN(expires_at) AS expires_at FROM access_links
           WHERE revoked_at IS NULL AND expires_at > :now AND expires_at <= :now + 72 * 3600000 GROUP BY family_id)
-        SELECT w.family_id, f.plan, n.asleep_ms, n.wakings, x.label, x.expires_at,
-          EXISTS (SELECT 1 FROM access_links l WHERE l.family_id = w.family_id AND l.revoked_at IS NULL
+        SELECT n.family_id, f.plan, n.asleep_ms, n.wakings, x.label, x.expires_at,
+          EXISTS (SELECT 1 FROM access_links l WHERE l.family_id = n.family_id AND l.revoked_at IS NULL
                   AND (l.expires_at IS NULL OR l.expires_at > :now)) AS linked,
-          (SELECT e.ts FROM entries e WHERE e.family_id = w.family_id AND NOT e.deleted AND e.ts <= :now
+          (SELECT e.ts FROM entries e WHERE e.family_id = n.family_id AND NOT e.deleted AND e.ts <= :now
            ORDER BY e.ts DESC LIMIT 1) AS last_entry,
-          (SELECT json_array(e.ts, e.value IN (SELECT label FROM counted c WHERE c.family_id = w.family_id))
-           FROM entries e WHERE e.family_id = w.family_id AND e.type = 'sleep' AND NOT e.deleted AND e.ts <= :now
+          (SELECT json_array(e.ts, e.value IN (SELECT value FROM json_each(n.counted)))
+           FROM entries e WHERE e.family_id = n.family_id AND e.type = 'sleep' AND NOT e.deleted AND e.ts <= :now
            ORDER BY e.ts DESC LIMIT 1) AS state
-        FROM windows w JOIN families f ON f.id = w.family_id
-          LEFT JOIN nights n ON n.family_id = w.family_id LEFT JOIN expiring x ON x.family_id = w.family_id""",
-        {'windows': json.dumps(windows), 'default_config': json.dumps(DEFAULT_CONFIG), 'now': now})
+        FROM nights n JOIN families f ON f.id = n.family_id LEFT JOIN expiring x ON x.family_id = n.family_id""",
+        {'windows': json.dumps(windows), 'now': now, 'default_counted': json.dumps(
+            [b['label'] for g in DEFAULT_CONFIG if g['category'] == 'sleep' for b in g['buttons'] if b.get('counted')])})
     flags = {}
     for row in found:
         family, said = active[row['family_id']], []
