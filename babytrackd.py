@@ -1870,7 +1870,7 @@ def nights_table(family, end, now):
                       'wakings': night['wakings'] if slept else '—', 'awake': hm(night['awake_minutes']) if slept else '—',
                       'longest': hm(night['longest_stretch_minutes']) if slept else '—',
                       'naps': day['naps'], 'nap_time': hm(day['nap_minutes']) if day['naps'] else '—',
-                      'windows': ' · '.join(hm(m) for m in day['wake_windows']) or '—'})
+                      'windows': [hm(minutes) for minutes in day['wake_windows']]})
     return table
 
 

@@ -8,13 +8,14 @@ SQLite file); the pages through WebTest; the pages' look in Debian's Chromium at
 import datetime as dt
 import json
 import os
+import sqlite3
 import time
 import uuid
 
 import pytest
 
-from conftest import ADMIN_PASSWORD, Server, AdminClient
-from test_admin import CHROMIUM_ARGS, HOSTILE, LATER, SHOTS, SYDNEY, add, assert_clean, at, form_of, write_day
+from conftest import ADMIN_PASSWORD, AdminClient, Device, Server, wait_for
+from test_admin import HOSTILE, LATER, SHOTS, SYDNEY, add, assert_clean, at, browser, form_of, write_day  # noqa: F401 (browser is a fixture)
 
 HOUR, MINUTE = 3600_000, 60_000
 PLAN = {'wake': '07:00', 'naps': [{'start': '09:30', 'end': '11:00'}, {'start': '14:00', 'end': '15:30'}],
@@ -520,3 +521,105 @@ def test_flags_take_one_query_for_every_family(bt, jane, now, monkeypatch):
     bt.db.set_trace_callback(None)
     assert len(statements) == 1
     assert len(flags) == 5 and all(said[0][0] == 'many_wakings' for said in flags.values())
+
+
+# In a real browser ------------------------------------------------------------------------------
+
+def log_entries(server, admin, family, label, entries, expires_at=None):
+    """Open a link for the family and log (ts, type, value) entries from a phone over the socket."""
+    link = admin.create_link(family['id'], label, expires_at)
+    phone, last = Device(server, family['id'], link['token']), None
+    for ts, type, value in entries:
+        last = uuid.uuid4().hex
+        phone.add(last, ts, type, value)
+    if last:
+        phone.entry_echo(last, timeout=20)  # in order: the last one stored means all are
+    phone.close()
+    return link
+
+
+def fortnight(now):
+    """Fourteen UTC days and nights up to now: two naps, bedtime near 19:10, three wakings, up near 06:30."""
+    today, entries = dt.datetime.fromtimestamp(now / 1000, dt.timezone.utc).date(), []
+    for back in range(15, -1, -1):
+        day = today - dt.timedelta(days=back)
+        shift = (back * 7) % 40 - 20  # a little different every day
+        for hours, value in [(6.5, 'awake'), (9.5, 'sleeping'), (10.75, 'awake'), (13.5, 'sleeping'), (15, 'awake'),
+                             (19.17, 'sleeping'), (23, 'awake'), (23.25, 'sleeping'), (26, 'awake'), (26.33, 'sleeping'),
+                             (28, 'awake'), (28.17, 'sleeping')]:
+            ts = at(f'{day} 00:00') + int(hours * HOUR) + shift * MINUTE
+            if ts < now - MINUTE:
+                entries.append((ts, 'sleep', value))
+        entries += [(at(f'{day} 00:00') + hours * HOUR, 'feed', 'bottle') for hours in (7, 11, 15, 18)
+                    if at(f'{day} 00:00') + hours * HOUR < now]
+    return entries
+
+
+@pytest.mark.parametrize('width', [390, 1280])
+def test_flags_and_nights_in_chromium(tmp_path, browser, width):
+    os.makedirs(SHOTS, exist_ok=True)
+    server = Server(tmp_path)
+    try:
+        admin, now = AdminClient(server), int(time.time() * 1000)
+        admin.login()
+        olivia = admin.create_family('Olivia Bennett')
+        log_entries(server, admin, olivia, 'Mum', fortnight(now))
+        with sqlite3.connect(server.db_path) as db:  # the plan, as the plan form stores it
+            db.execute('UPDATE families SET plan = ? WHERE id = ?', (json.dumps(PLAN), olivia['id']))
+        log_entries(server, admin, admin.create_family('Leo Hart'), None, [(now - HOUR, 'feed', 'bottle')])
+        admin.create_link(admin.create_family('Noah Price', tz='Europe/London')['id'], 'Mum')
+        log_entries(server, admin, admin.create_family('Ava Ng', tz=SYDNEY), 'Gran',
+                    [(now - 15 * HOUR, 'sleep', 'sleeping'), (now - HOUR, 'feed', 'bottle')], now + 40 * HOUR)
+        log_entries(server, admin, admin.create_family(HOSTILE[1]), HOSTILE[0], [(now - HOUR, 'feed', 'bottle')],
+                    now + 20 * HOUR)
+
+        context = browser.new_context(viewport={'width': width, 'height': 900})
+        page, problems = context.new_page(), []
+        page.on('console', lambda message: problems.append(message.text) if message.type in ('error', 'warning') else None)
+        page.on('pageerror', lambda error: problems.append(str(error)))
+        fits = lambda: page.evaluate('document.documentElement.scrollWidth') <= width
+        page.goto(server.base_url + '/admin')
+        page.fill('input[name=username]', 'jane')
+        page.fill('input[name=password]', ADMIN_PASSWORD)
+        page.click('button:has-text("Log in")')
+        page.wait_for_selector('h1:has-text("Clients")')
+        shown = page.evaluate('''[...document.querySelectorAll('table.clients tbody tr')].map(row =>
+            [row.querySelector('.client a').textContent, [...row.querySelectorAll('.flags li')].map(li => li.textContent)])''')
+        names, flags = [name for name, _ in shown], dict(shown)
+        assert names[-1] == 'Leo Hart' and len(names) == 5  # the only family without a flag comes last
+        assert flags['Olivia Bennett'][:1] == [f"Short night: {flags['Olivia Bennett'][0].split(': ')[1]}"]
+        assert '3 wakings last night' in flags['Olivia Bennett']
+        assert flags['Noah Price'] == ['No entries yet'] and flags['Leo Hart'] == []
+        assert any(words.startswith('Link for Gran expires ') for words in flags['Ava Ng'])
+        assert flags['Ava Ng'][-1] == 'Asleep for 15 h — a forgotten tap?'
+        assert flags[HOSTILE[1]][0].startswith(f'Link for {HOSTILE[0]} expires ')  # shown as text, never run
+        assert fits(), 'the dashboard is wider than the window'
+        page.screenshot(path=f'{SHOTS}/nights-dashboard-{width}.png', full_page=True)
+
+        page.click('a:text-is("Olivia Bennett")')
+        page.wait_for_selector('#nights')
+        rows = page.locator('#nights tbody tr')
+        assert rows.count() == 14
+        last_night = rows.nth(1) if 'so far' in rows.nth(0).inner_text() else rows.nth(0)
+        assert 'late' in last_night.inner_text() or 'early' in last_night.inner_text()
+        assert fits(), 'the family page is wider than the window'
+        page.locator('#nights').screenshot(path=f'{SHOTS}/nights-table-{width}.png')
+        region = page.locator('#nights .scroll')
+        region.focus()
+        assert page.evaluate('document.activeElement.getAttribute("aria-labelledby")') == 'nights-title'
+        if width == 390:  # the table scrolls inside its region, by keyboard too
+            assert page.evaluate('(el => el.scrollWidth > el.clientWidth)', region.element_handle())
+            page.keyboard.press('ArrowRight')
+            wait_for(lambda: page.evaluate('document.querySelector("#nights .scroll").scrollLeft') > 0,
+                     message='the Nights table to scroll')
+        page.screenshot(path=f'{SHOTS}/nights-family-{width}.png', full_page=True)
+
+        page.set_viewport_size({'width': 703, 'height': 1000})  # A4 less its 12 mm margins, at 96 dpi
+        page.emulate_media(media='print')
+        assert page.is_visible('#nights') and page.is_hidden('#details')
+        assert page.evaluate('document.querySelector("#nights table").scrollWidth <= 703')
+        page.locator('#nights').screenshot(path=f'{SHOTS}/nights-print-{width}.png')
+        context.close()
+        assert problems == []
+    finally:
+        server.stop()

@@ -31,7 +31,14 @@
   <td>{{night['longest']}}</td>
   <td>{{night['naps']}}</td>
   <td>{{night['nap_time']}}</td>
-  <td class="windows">{{night['windows']}}</td>
+  <td class="windows">
+% for number, minutes in enumerate(night['windows']):
+    {{'· ' if number else ''}}<span>{{minutes}}</span>
+% end
+% if not night['windows']:
+    —
+% end
+  </td>
 </tr>
 % end
 </tbody>
