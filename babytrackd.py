@@ -842,8 +842,8 @@ def night_report(family, days=14, end=None, now=None):
         night = [min(runs[i][1], night_end) - max(runs[i][0], night_start) for i in slept]
         last = runs[slept[-1]] if slept else None
         morning = last[1] if last and last[3] and last[1] <= night_end + 3 * hour else None
-        wakings = [runs[i][1] - runs[i][0] for i in near if i and not runs[i][2] and runs[i][3]  # runs alternate:
-                   and night_start < runs[i][0] and runs[i][1] < night_end]  # asleep before and after
+        wakings = [runs[i][1] - runs[i][0] for i in near if i and not runs[i][2] and runs[i][3]  # runs alternate: an
+                   and night_start < runs[i][0] and runs[i][1] < night_end]  # awake one has a sleep on each side
         naps = [i for i in near if runs[i][2] and day_start <= runs[i][0] < night_start and i != bed]
         awake_before = [runs[i - 1][1] - runs[i - 1][0] for i in naps + [bed] if i]
         diff = {'bedtime_minutes': None, 'wake_minutes': None}
