@@ -430,6 +430,8 @@ def test_many_wakings(bt, jane, now, wakings, flagged):
     family = bt.create_family('Olivia')
     write_day(bt, family, a_night('2026-10-04', '19:00', wakings, '07:30') + [('2026-10-05 11:00', 'feed', 'bottle')])
     assert flags_of(jane) == {'Olivia': ['many_wakings'] if flagged else []}
+    night = bt.night_report(bt.get_family(family['id']), 1, dt.date(2026, 10, 4), now)['days'][0]['night']
+    assert night['wakings'] == (3 if flagged else 2)  # the flag counts as the report does
     if flagged:
         assert dashboard_flags(jane) == [('Olivia', ['3 wakings last night'])]
 
@@ -479,6 +481,21 @@ def test_state_stuck_reads_a_renamed_config_and_ignores_deleted_and_future_entri
                            ('2026-10-05 11:00', 'feed', 'bottle')])
     add(bt, family, now + HOUR, 'sleep', 'up')  # a tap an hour ahead does not end the state now
     assert dashboard_flags(jane) == [('Olivia', ['Asleep for 16 h — a forgotten tap?'])]
+
+
+def test_night_flags_read_a_renamed_config(bt, jane, now):
+    family = bt.create_family('Olivia')
+    bt.save_config(family['id'], [{'category': 'sleep', 'stateful': True, 'buttons': [
+        {'label': 'asleep', 'counted': True}, {'label': 'up'}]}])
+    night = [('2026-10-04 19:00', 'sleep', 'asleep'), ('2026-10-04 22:00', 'sleep', 'up'),
+             ('2026-10-04 22:10', 'sleep', 'asleep'), ('2026-10-05 01:00', 'sleep', 'up'),
+             ('2026-10-05 01:10', 'sleep', 'sleeping'),  # an old label: awake now, so no sleep here
+             ('2026-10-05 03:00', 'sleep', 'asleep'), ('2026-10-05 03:30', 'sleep', 'up'),
+             ('2026-10-05 03:40', 'sleep', 'asleep'), ('2026-10-05 06:00', 'sleep', 'up')]
+    write_day(bt, family, night + [('2026-10-05 11:00', 'feed', 'bottle')])
+    assert dashboard_flags(jane) == [('Olivia', ['Short night: 8 h 40 min', '3 wakings last night'])]
+    report_night = bt.night_report(bt.get_family(family['id']), 1, dt.date(2026, 10, 4), now)['days'][0]['night']
+    assert (report_night['sleep_minutes'], report_night['wakings']) == (180 + 170 + 30 + 140, 3)
 
 
 def test_dashboard_lists_flagged_families_first_and_archived_ones_have_no_flags(bt, jane, now, clock):
