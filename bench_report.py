@@ -34,8 +34,8 @@ def day_entries(date, tz, rng):
     sleep = [(6.5, 'awake'), (9.5, 'sleeping'), (10.7, 'awake'), (13, 'sleeping'), (14.5, 'awake'), (16.5, 'sleeping'),
              (17, 'awake'), (19, 'sleeping'), (22.5, 'awake'), (22.8, 'sleeping'), (2, 'awake'), (2.4, 'sleeping'),
              (4.5, 'awake'), (4.8, 'sleeping')]
-    feeds = [(hours, rng.choice(['bottle', 'breast left', 'breast right'])) for hours in range(0, 24, 24 // 18 + 0)][:18]
-    nappies = [(hours + 0.5, rng.choice(['wet', 'dirty', 'wet + dirty'])) for hours in range(0, 24, 1)][:16]
+    feeds = [(n * 24 / 18, rng.choice(['bottle', 'breast left', 'breast right'])) for n in range(18)]
+    nappies = [(n * 1.5 + 0.5, rng.choice(['wet', 'dirty', 'wet + dirty'])) for n in range(16)]
     return ([(at(h), 'sleep', v) for h, v in sleep] + [(at(h + 0.3), 'feed', v) for h, v in feeds]
             + [(at(h), 'nappy', v) for h, v in nappies])
 
