@@ -341,7 +341,7 @@ def dashboard_flags(web):
 
 
 def a_night(date, bedtime='19:00', wakings=(), wake='07:00'):
-    """Entries of one night in UTC: asleep at bedtime, each waking (clock time, minutes), awake at wake."""
+    """Entries of one night on the family's clock: asleep at bedtime, each waking (clock time, minutes), awake at wake."""
     following = (dt.date.fromisoformat(date) + dt.timedelta(days=1)).isoformat()
     day = lambda clock: date if clock >= '12:00' else following
     entries = [(f'{day(bedtime)} {bedtime}', 'sleep', 'sleeping')]
@@ -527,7 +527,7 @@ def test_hostile_link_labels_come_out_escaped_on_the_dashboard(bt, jane, now, ho
     assert_clean(page.text)
 
 
-def test_flags_take_one_query_for_every_family(bt, jane, now, monkeypatch):
+def test_flags_take_one_query_for_every_family(bt, jane, now):
     for number in range(5):
         family = bt.create_family(f'Family {number}', '', (SYDNEY, 'UTC', 'America/New_York')[number % 3])
         bt.create_link(family['id'], 'Mum')
@@ -538,6 +538,37 @@ def test_flags_take_one_query_for_every_family(bt, jane, now, monkeypatch):
     bt.db.set_trace_callback(None)
     assert len(statements) == 1
     assert len(flags) == 5 and all(said[0][0] == 'many_wakings' for said in flags.values())
+
+
+def test_night_flags_agree_with_the_report_on_random_nights(bt, jane, now):
+    """The flags' SQL and the report's Python read the same last night: random taps, double taps, deletions."""
+    import random
+    rng, families = random.Random(11), []
+    for number in range(24):
+        family = bt.create_family(f'Random {number}', '', ('UTC', SYDNEY, 'America/New_York')[number % 3])
+        if number % 4 == 0:
+            bt.save_config(family['id'], [{'category': 'sleep', 'stateful': True, 'buttons': [
+                {'label': 'asleep', 'counted': True}, {'label': 'nap', 'counted': True}, {'label': 'up'}]}])
+        asleep, awake = (['asleep', 'nap'], ['up', 'sleeping']) if number % 4 == 0 else (['sleeping'], ['awake'])
+        ts, sleeping = now - 40 * HOUR, False
+        while ts < now:
+            sleeping = sleeping if rng.random() < 0.15 else not sleeping  # now and then the same tap twice
+            ts += rng.randrange(5, 90 + number * 5) * MINUTE if sleeping else rng.randrange(60, 360 + number * 20) * MINUTE
+            entry_id = add(bt, family, ts, 'sleep', rng.choice(asleep if sleeping else awake))
+            if rng.random() < 0.1:
+                bt.apply_entry(family['id'], 'delete', {'id': entry_id, 'updated_at': LATER - 1000}, 'test', now=LATER)
+        families.append(bt.get_family(family['id']))
+    flags = bt.family_flags(families, now)
+    for family in families:
+        today = bt.local_today(family['tz'], now)
+        date = today - dt.timedelta(days=1 if bt.night_bounds(family, today - dt.timedelta(days=1))[2] <= now else 2)
+        night = bt.night_report(family, 1, date, now)['days'][0]['night']
+        expected = ([('short_night', f"Short night: {bt.hm(night['sleep_minutes'])}")]
+                    if 0 < night['sleep_minutes'] < 600 else []) + (
+                   [('many_wakings', f"{night['wakings']} wakings last night")] if night['wakings'] >= 3 else [])
+        assert [flag for flag in flags[family['id']] if flag[0] in ('short_night', 'many_wakings')] == expected, family
+    codes = [code for said in flags.values() for code, _ in said]
+    assert 3 <= codes.count('short_night') < 21 and 3 <= codes.count('many_wakings') < 21  # flags on and off
 
 
 # In a real browser ------------------------------------------------------------------------------
@@ -641,33 +672,3 @@ def test_flags_and_nights_in_chromium(tmp_path, browser, width):
     finally:
         server.stop()
 
-
-def test_night_flags_agree_with_the_report_on_random_nights(bt, jane, now):
-    """The flags' SQL and the report's Python read the same last night: random taps, double taps, deletions."""
-    import random
-    rng, families = random.Random(11), []
-    for number in range(24):
-        family = bt.create_family(f'Random {number}', '', ('UTC', SYDNEY, 'America/New_York')[number % 3])
-        if number % 4 == 0:
-            bt.save_config(family['id'], [{'category': 'sleep', 'stateful': True, 'buttons': [
-                {'label': 'asleep', 'counted': True}, {'label': 'nap', 'counted': True}, {'label': 'up'}]}])
-        asleep, awake = (['asleep', 'nap'], ['up', 'sleeping']) if number % 4 == 0 else (['sleeping'], ['awake'])
-        ts, sleeping = now - 40 * HOUR, False
-        while ts < now:
-            sleeping = sleeping if rng.random() < 0.15 else not sleeping  # now and then the same tap twice
-            ts += rng.randrange(5, 90 + number * 5) * MINUTE if sleeping else rng.randrange(60, 360 + number * 20) * MINUTE
-            entry_id = add(bt, family, ts, 'sleep', rng.choice(asleep if sleeping else awake))
-            if rng.random() < 0.1:
-                bt.apply_entry(family['id'], 'delete', {'id': entry_id, 'updated_at': LATER - 1000}, 'test', now=LATER)
-        families.append(bt.get_family(family['id']))
-    flags = bt.family_flags(families, now)
-    for family in families:
-        today = bt.local_today(family['tz'], now)
-        date = today - dt.timedelta(days=1 if bt.night_bounds(family, today - dt.timedelta(days=1))[2] <= now else 2)
-        night = bt.night_report(family, 1, date, now)['days'][0]['night']
-        expected = ([('short_night', f"Short night: {bt.hm(night['sleep_minutes'])}")]
-                    if 0 < night['sleep_minutes'] < 600 else []) + (
-                   [('many_wakings', f"{night['wakings']} wakings last night")] if night['wakings'] >= 3 else [])
-        assert [flag for flag in flags[family['id']] if flag[0] in ('short_night', 'many_wakings')] == expected, family
-    codes = [code for said in flags.values() for code, _ in said]
-    assert 3 <= codes.count('short_night') < 21 and 3 <= codes.count('many_wakings') < 21  # flags on and off
