@@ -661,6 +661,8 @@ def test_flags_and_nights_in_chromium(tmp_path, browser, width):
             wait_for(lambda: page.evaluate('document.querySelector("#nights .scroll").scrollLeft') > 0,
                      message='the Nights table to scroll')
         page.screenshot(path=f'{SHOTS}/nights-family-{width}.png', full_page=True)
+        assert page.input_value('#details input[name=night_start]') == '19:00'
+        page.locator('#details').screenshot(path=f'{SHOTS}/nights-details-{width}.png')
 
         page.set_viewport_size({'width': 703, 'height': 1000})  # A4 less its 12 mm margins, at 96 dpi
         page.emulate_media(media='print')

@@ -15,6 +15,7 @@
 <label>Night starts <input type="time" name="night_start" value="{{form['night_start']}}" required></label>
 <label>Night ends <input type="time" name="night_end" value="{{form['night_end']}}" required></label>
 </div>
+<p class="hint">The Nights table and the dashboard's flags count each night between these two times.</p>
 <button type="submit" class="primary">Save details</button>
 </form>
 % if family['archived']:
