@@ -39,6 +39,7 @@ if not os.environ.get('BABYTRACKD_NO_PATCH'):
     monkey.patch_all(ssl=False, subprocess=False, dns=False)  # it spawns nothing and looks up no names
 
 import argparse
+import bisect
 import csv
 import datetime as dt
 import functools
@@ -384,6 +385,9 @@ def time_zones():
     return sorted(zone_names())
 
 
+CLOCK_PATTERN = re.compile(r'([01][0-9]|2[0-3]):[0-5][0-9]')
+
+
 def check_tz(value):
     """Return value if it names an IANA time zone, else raise Invalid."""
     if not isinstance(value, str) or value not in zone_names():
@@ -391,10 +395,18 @@ def check_tz(value):
     return value
 
 
+def check_clock(value, name):
+    """Return value if it is a wall-clock time 'HH:MM' (00:00-23:59), else raise Invalid."""
+    if not isinstance(value, str) or not CLOCK_PATTERN.fullmatch(value):
+        raise Invalid(f'{name} must be a time HH:MM such as 19:00')
+    return value
+
+
 def family_dict(row):
     """Shape a families row for the API."""
     return {'id': row['id'], 'name': row['name'], 'notes': row['notes'] or '',
-            'archived': bool(row['archived']), 'tz': row['tz'], 'created_at': row['created_at']}
+            'archived': bool(row['archived']), 'tz': row['tz'], 'created_at': row['created_at'],
+            'night_start': row['night_start'], 'night_end': row['night_end']}
 
 
 def get_family(family_id):
@@ -412,8 +424,8 @@ def list_families(include_archived=False):
 
 
 def family_fields(changes):
-    """Return the valid family fields among name, notes, archived and tz, else raise Invalid."""
-    unknown = set(changes) - {'name', 'notes', 'archived', 'tz'}
+    """Return the valid family fields among name, notes, archived, tz and the night window, else raise Invalid."""
+    unknown = set(changes) - {'name', 'notes', 'archived', 'tz', 'night_start', 'night_end'}
     if unknown:
         raise Invalid(f'unknown field: {sorted(unknown)[0]}')
     fields = {}
@@ -427,6 +439,9 @@ def family_fields(changes):
         fields['archived'] = int(check_bool(changes['archived'], 'archived'))
     if 'tz' in changes:
         fields['tz'] = check_tz(changes['tz'])
+    for name in ('night_start', 'night_end'):
+        if name in changes:
+            fields[name] = check_clock(changes[name], name)
     return fields
 
 
@@ -441,8 +456,12 @@ def create_family(name, notes='', tz=None):
 
 
 def update_family(family_id, changes):
-    """Apply the allowed changes (name, notes, archived, tz) to a family; return it."""
+    """Apply the allowed changes (name, notes, archived, tz, night window) to a family; return it."""
     fields = family_fields(changes)
+    if {'night_start', 'night_end'} & fields.keys():
+        night = {**get_family(family_id), **fields}
+        if night['night_start'] == night['night_end']:
+            raise Invalid('night_start and night_end must not be equal')
     if fields:
         assignments = ', '.join(f'{column} = ?' for column in fields)
         with transaction():
@@ -509,6 +528,12 @@ def get_config(family_id):
     return json.loads(row['data']) if row else DEFAULT_CONFIG
 
 
+def get_plan(family_id):
+    """Return the family's plan {wake, naps, bedtime}, or None."""
+    row = one('SELECT plan FROM families WHERE id = ?', family_id)
+    return json.loads(row['plan']) if row and row['plan'] else None
+
+
 def validate_config(data):
     """Return data if it is a valid list of button groups, else raise Invalid."""
     try:  # Python's json reads NaN, Infinity and lone surrogates; browsers' would not
@@ -552,16 +577,6 @@ def save_config(family_id, data):
     return data
 
 
-CLOCK_TIME = re.compile(r'([01]\d|2[0-3]):[0-5]\d')
-
-
-def check_clock(value, name):
-    """Return value if it is a wall-clock time 'HH:MM', else raise Invalid."""
-    if not isinstance(value, str) or not CLOCK_TIME.fullmatch(value):
-        raise Invalid(f'{name} must be a time such as 07:00 (HH:MM)')
-    return value
-
-
 def validate_plan(plan):
     """Return the plan (wake, 0-5 naps each starting before it ends, bedtime; all HH:MM) or None, else raise Invalid."""
     if plan is None:
@@ -585,12 +600,6 @@ def validate_plan(plan):
             raise Invalid(f'nap {number} must start before it ends')
         clean['naps'].append({'start': start, 'end': end})
     return clean
-
-
-def get_plan(family_id):
-    """Return the family's plan, or None."""
-    row = one('SELECT plan FROM families WHERE id = ?', family_id)
-    return json.loads(row['plan']) if row and row['plan'] else None
 
 
 def save_plan(family_id, plan):
@@ -905,6 +914,148 @@ def ago(ms, now):
 def hm(minutes):
     """Say a duration in minutes: '45 min', '6 h', '9 h 5 min'."""
     return f'{minutes} min' if minutes < 60 else f'{minutes // 60} h' + (f' {minutes % 60} min' if minutes % 60 else '')
+
+
+def wall_clock(date, clock, tz):
+    """Return the milliseconds of 'HH:MM' on `date` in zone `tz` (a time the clock skips reads as the old offset)."""
+    hour, minute = map(int, clock.split(':'))
+    return int(dt.datetime(date.year, date.month, date.day, hour, minute, tzinfo=zoneinfo.ZoneInfo(tz)).timestamp() * 1000)
+
+
+def night_bounds(family, date):
+    """Return (day start, night start, night end) of `date`: its day is [day start, night start), its night follows."""
+    tz, following = family['tz'], date + dt.timedelta(days=1)
+    start_date = date if family['night_start'] > family['night_end'] else following  # a night that starts after midnight
+    return (wall_clock(date, family['night_end'], tz), wall_clock(start_date, family['night_start'], tz),
+            wall_clock(following, family['night_end'], tz))
+
+
+def night_report(family, days=14, end=None, now=None):
+    """Return the family's days and nights up to `end`, oldest first (CONTRACT section 8): one query for the range."""
+    now, tz, hour = now_ms() if now is None else now, family['tz'], 3600 * 1000
+    if end is None:
+        end = local_today(tz, now)
+        end -= dt.timedelta(days=night_bounds(family, end)[0] > now)  # today's day has not begun yet
+    if not 1900 <= end.year <= 9000:
+        raise Invalid('end must be between the years 1900 and 9000')
+    dates = [end - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
+    bounds = [night_bounds(family, date) for date in dates]
+    start, stop = min(bounds[0][0], bounds[0][1] - 3 * hour), bounds[-1][2] + 3 * hour
+    group = next((g for g in get_config(family['id']) if g['category'] == 'sleep' and g.get('stateful')), {'buttons': []})
+    counted, runs = {b['label'] for b in group['buttons'] if b.get('counted')}, []  # runs: [since, end, asleep, closed]
+    for ts, value, until in db.execute("""
+            SELECT ts, value, LEAD(ts) OVER (ORDER BY ts, id) FROM entries
+            WHERE family_id = ? AND type = 'sleep' AND NOT deleted AND ts < ?
+              AND ts >= COALESCE((SELECT ts FROM entries WHERE family_id = ? AND type = 'sleep' AND NOT deleted
+                                  AND ts < ? ORDER BY ts DESC LIMIT 1), ?)
+            ORDER BY ts, id""", (family['id'], stop, family['id'], start, start)):
+        if ts >= now:
+            break
+        span = [ts, min(now, until or now), value in counted, until is not None and until <= now]
+        if runs and runs[-1][2] == span[2]:  # a state tapped twice is one run
+            runs[-1][1:] = span[1:]
+        elif span[1] > ts:
+            runs.append(span)
+    starts, plan, report = [run[0] for run in runs], get_plan(family['id']), []
+    for date, (day_start, night_start, night_end) in zip(dates, bounds):
+        near = range(max(0, bisect.bisect_right(starts, day_start) - 1), bisect.bisect_left(starts, night_end + 3 * hour))
+        slept = [i for i in near if runs[i][2] and runs[i][0] < night_end and runs[i][1] > night_start]
+        bed = next((i for i in slept if runs[i][0] >= night_start - 3 * hour), None)
+        night = [min(runs[i][1], night_end) - max(runs[i][0], night_start) for i in slept]
+        last = runs[slept[-1]] if slept else None
+        morning = last[1] if last and last[3] and last[1] <= night_end + 3 * hour else None
+        wakings = [runs[i][1] - runs[i][0] for i in near if i and not runs[i][2] and runs[i][3]  # runs alternate: an
+                   and night_start < runs[i][0] and runs[i][1] < night_end]  # awake one has a sleep on each side
+        naps = [i for i in near if runs[i][2] and day_start <= runs[i][0] < night_start and i != bed]
+        awake_before = [runs[i - 1][1] - runs[i - 1][0] for i in naps + [bed] if i]
+        diff = {'bedtime_minutes': None, 'wake_minutes': None}
+        if plan and bed is not None:
+            bed_date = date + dt.timedelta(days=plan['bedtime'] <= family['night_end'])  # a bedtime after midnight
+            diff['bedtime_minutes'] = round((runs[bed][0] - wall_clock(bed_date, plan['bedtime'], tz)) / 60000)
+        if plan and morning:
+            diff['wake_minutes'] = round((morning - wall_clock(date + dt.timedelta(days=1), plan['wake'], tz)) / 60000)
+        report.append({
+            'date': date.isoformat(),
+            'day': {'start': day_start, 'end': night_start, 'naps': len(naps),
+                    'nap_minutes': round(sum(min(runs[i][1], night_start) - runs[i][0] for i in naps) / 60000),
+                    'wake_windows': [round(ms / 60000) for ms in awake_before]},
+            'night': {'start': night_start, 'end': night_end, 'bedtime': runs[bed][0] if bed is not None else None,
+                      'morning_wake': morning, 'sleep_minutes': round(sum(night) / 60000), 'wakings': len(wakings),
+                      'awake_minutes': round(sum(wakings) / 60000), 'longest_stretch_minutes': round(max(night, default=0) / 60000),
+                      'complete': night_end <= now},
+            'plan_diff': diff})
+    return {'days': report}
+
+
+def family_flags(families, now):
+    """Return {family id: [(code, words)...]}: the triage flags of the active ones (CONTRACT section 8), one query for all."""
+    active, windows, nights = {f['id']: f for f in families if not f['archived']}, [], {}
+    for family in active.values():  # each one's last complete night, on its own clock (worked out once per clock)
+        clock = (family['tz'], family['night_start'], family['night_end'])
+        if clock not in nights:
+            yesterday = local_today(family['tz'], now) - dt.timedelta(days=1)
+            nights[clock] = next(bounds[1:] for date in (yesterday, yesterday - dt.timedelta(days=1))
+                                 if (bounds := night_bounds(family, date))[2] <= now)
+        windows.append([family['id'], *nights[clock]])
+    found = db.execute("""
+        WITH windows AS MATERIALIZED (  -- each family's last complete night, and its counted sleep labels
+          SELECT w.value ->> 0 AS family_id, w.value ->> 1 AS start, w.value ->> 2 AS stop,
+                 CASE WHEN c.data IS NULL THEN :default_counted ELSE (
+                   SELECT json_group_array(b.value ->> 'label') FROM json_each(c.data) g, json_each(g.value, '$.buttons') b
+                   WHERE g.value ->> 'category' = 'sleep' AND g.value ->> 'stateful' AND b.value ->> 'counted') END AS counted
+          FROM json_each(:windows) w LEFT JOIN configs c ON c.family_id = w.value ->> 0),
+        turns AS (  -- its sleep entries, and the one carried in (none: one row of NULLs), each with the next one's time
+          SELECT w.family_id, w.counted, w.start, e.ts, e.value IN (SELECT value FROM json_each(w.counted)) AS asleep,
+                 LAG(e.value IN (SELECT value FROM json_each(w.counted))) OVER run AS before,
+                 LEAD(e.ts, 1, w.stop) OVER run AS until
+          FROM windows w LEFT JOIN entries e ON e.family_id = w.family_id AND e.type = 'sleep' AND NOT e.deleted
+            AND e.ts < w.stop AND e.ts >= COALESCE((SELECT x.ts FROM entries x WHERE x.family_id = w.family_id
+              AND x.type = 'sleep' AND NOT x.deleted AND x.ts < w.start ORDER BY x.ts DESC LIMIT 1), w.start)
+          WINDOW run AS (PARTITION BY w.family_id ORDER BY e.ts, e.id)),
+        nights AS (  -- a waking begins where asleep turns awake, unless the night ends before the next sleep
+          SELECT family_id, counted, SUM(CASE WHEN asleep THEN until - MAX(ts, start) END) AS asleep_ms,
+                 SUM(ts > start AND before AND NOT asleep)
+                   - IFNULL(MAX(CASE WHEN ts > start AND before AND NOT asleep THEN ts END)
+                            > IFNULL(MAX(CASE WHEN ts > start AND NOT before AND asleep THEN ts END), 0), 0) AS wakings
+          FROM turns GROUP BY family_id),
+        expiring AS (
+          SELECT family_id, label, MIN(expires_at) AS expires_at FROM access_links
+          WHERE revoked_at IS NULL AND expires_at > :now AND expires_at <= :now + 72 * 3600000 GROUP BY family_id)
+        SELECT n.family_id, f.plan, n.asleep_ms, n.wakings, x.label, x.expires_at,
+          EXISTS (SELECT 1 FROM access_links l WHERE l.family_id = n.family_id AND l.revoked_at IS NULL
+                  AND (l.expires_at IS NULL OR l.expires_at > :now)) AS linked,
+          (SELECT e.ts FROM entries e WHERE e.family_id = n.family_id AND NOT e.deleted AND e.ts <= :now
+           ORDER BY e.ts DESC LIMIT 1) AS last_entry,
+          (SELECT json_array(e.ts, e.value IN (SELECT value FROM json_each(n.counted)))
+           FROM entries e WHERE e.family_id = n.family_id AND e.type = 'sleep' AND NOT e.deleted AND e.ts <= :now
+           ORDER BY e.ts DESC LIMIT 1) AS state
+        FROM nights n JOIN families f ON f.id = n.family_id LEFT JOIN expiring x ON x.family_id = n.family_id""",
+        {'windows': json.dumps(windows), 'now': now, 'default_counted': json.dumps(
+            [b['label'] for g in DEFAULT_CONFIG if g['category'] == 'sleep' for b in g['buttons'] if b.get('counted')])})
+    flags = {}
+    for row in found:
+        family, said = active[row['family_id']], []
+        if row['linked'] and (row['last_entry'] or 0) <= now - DAY_MS:
+            hours = (now - row['last_entry']) // 3600000 if row['last_entry'] else None
+            said.append(('quiet', 'No entries yet' if hours is None else f'No entries for {hours} h' if hours < 48
+                         else f'No entries for {hours // 24} days'))
+        plan = json.loads(row['plan']) if row['plan'] else None
+        minutes, of = round((row['asleep_ms'] or 0) / 60000), lambda clock: int(clock[:2]) * 60 + int(clock[3:])
+        short = minutes <= (of(plan['wake']) - of(plan['bedtime'])) % 1440 - 60 if plan else minutes < 600
+        if minutes and short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
+            said.append(('short_night', f'Short night: {hm(minutes)}'))
+        if (row['wakings'] or 0) >= 3:
+            said.append(('many_wakings', f"{row['wakings']} wakings last night"))
+        if row['expires_at']:
+            moment, today = local_time(row['expires_at'], family['tz']), local_today(family['tz'], now)
+            day = {today: 'today', today + dt.timedelta(days=1): 'tomorrow'}.get(moment.date(), f'{moment:%A}')
+            said.append(('link_expiring', f"Link for {row['label']} expires {day}" if row['label']
+                         else f'An unlabelled link expires {day}'))
+        since, asleep = json.loads(row['state']) if row['state'] else (now, 0)
+        if now - since >= 14 * 3600000:
+            said.append(('state_stuck', f"{'Asleep' if asleep else 'Awake'} for {(now - since) // 3600000} h — a forgotten tap?"))
+        flags[row['family_id']] = said
+    return flags
 
 
 ###############################################################################
@@ -1766,6 +1917,9 @@ def admin_dashboard(error=None, typed=None):
                              seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
                              states=[f"{s['label']} since {when(s['since'], family['tz'], now)}"
                                      for s in today['spans'] if s['end'] == now]))
+    flags = family_flags(families, now)  # flagged families first, each with its flags in words
+    families = sorted((dict(f, flags=[words for _, words in flags.get(f['id'], [])]) for f in families),
+                      key=lambda f: not f['flags'])
     form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
     return page('dashboard', families=families, show_archived=show_archived, hm=hm, zones=time_zones(),
                 error=error, form=form)
@@ -1777,9 +1931,10 @@ def admin_families_list():
     """List families with today's totals."""
     if not wants_json():
         bottle.redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
-    now = now_ms()
-    return {'families': [dict(f, today=family_today(f, now)['totals'])
-                         for f in list_families(request.query.get('archived') == '1')]}
+    now, families = now_ms(), list_families(request.query.get('archived') == '1')
+    flags = family_flags(families, now)
+    return {'families': [dict(f, today=family_today(f, now)['totals'], flags=[code for code, _ in flags.get(f['id'], [])])
+                         for f in families]}
 
 
 @app.post('/admin/families')
@@ -1893,6 +2048,16 @@ def admin_family_summary(family_id):
     return day_summary(family, parse_date(request.query.get('date'), family['tz']))
 
 
+@app.get('/admin/families/<family_id>/report')
+@admin_required
+def admin_family_report(family_id):
+    """The family's nights and days, oldest first (`days` 1-60, up to `end`)."""
+    family, days, end = family_or_404(family_id), request.query.get('days', '14'), request.query.get('end')
+    if not (days.isdigit() and 1 <= int(days) <= 60):
+        bottle.abort(400, 'days must be a whole number from 1 to 60.')
+    return night_report(family, int(days), parse_date(end, family['tz']) if end else None)
+
+
 @app.post('/admin/families/<family_id>/links')
 @admin_required
 def admin_links_create(family_id):
@@ -1992,6 +2157,25 @@ def within(spans, start, length):
             for a, n in spans if a < start + length and a + n > start]
 
 
+def nights_table(family, end, now):
+    """Return the family page's Nights table: the 14 nights to `end` (None: the latest), newest first, in words."""
+    clock = lambda ms: f"{local_time(ms, family['tz']):%H:%M}" if ms else '—'
+    off = lambda minutes: ('' if minutes is None else 'on plan' if minutes == 0
+                           else f"{'late' if minutes > 0 else 'early'} {hm(abs(minutes))}")
+    table = []
+    for row in reversed(night_report(family, 14, end, now)['days']):
+        night, day, diff, slept = row['night'], row['day'], row['plan_diff'], row['night']['sleep_minutes'] > 0
+        table.append({'date': dt.date.fromisoformat(row['date']), 'complete': night['complete'],
+                      'bedtime': clock(night['bedtime']), 'bedtime_diff': off(diff['bedtime_minutes']),
+                      'wake': clock(night['morning_wake']), 'wake_diff': off(diff['wake_minutes']),
+                      'sleep': hm(night['sleep_minutes']) if slept else '—',
+                      'wakings': night['wakings'] if slept else '—', 'awake': hm(night['awake_minutes']) if slept else '—',
+                      'longest': hm(night['longest_stretch_minutes']) if slept else '—',
+                      'naps': day['naps'], 'nap_time': hm(day['nap_minutes']) if day['naps'] else '—',
+                      'windows': [hm(minutes) for minutes in day['wake_windows']]})
+    return table
+
+
 def family_page(family, date_text, errors=None, typed=None):
     """Return what the family page shows for one date (a refused form: its message and what was typed)."""
     tz, now, hour_ms = family['tz'], now_ms(), 3600 * 1000
@@ -2003,11 +2187,13 @@ def family_page(family, date_text, errors=None, typed=None):
                          for s in summary['spans'] if s['category'] == 'sleep' and s['counted']
                          and s['start'] < top and s['end'] > begin]
     plan, notes = get_plan(family['id']), list_notes(family['id'])
-    form = {'name': family['name'], 'notes': family['notes'], 'tz': tz, 'label': '', 'expires': 'never',
-            'expires_on': '', 'config': json.dumps(config, indent=2), **plan_fields(plan), 'date': str(date), 'text': '',
+    form = {'name': family['name'], 'notes': family['notes'], 'tz': tz, 'night_start': family['night_start'],
+            'night_end': family['night_end'], 'label': '', 'expires': 'never', 'expires_on': '',
+            'config': json.dumps(config, indent=2), **plan_fields(plan), 'date': str(date), 'text': '',
             **(typed or {})}
     return {'family': family, 'date': date, 'prev': date - dt.timedelta(days=1), 'next': date + dt.timedelta(days=1),
             'summary': summary, 'chart': sleep_chart(family, date, now), 'config': config, 'form': form,
+            'nights': nights_table(family, date if date_text and date < local_today(tz, now) else None, now),
             'links': list_links(family['id']), 'online': {p.token for p in hub.peers(family['id'])},
             'changes': recent_changes(family['id']), 'errors': errors or {}, 'zones': time_zones(), 'now': now,
             'plan': plan, 'planned': planned_minutes(plan), 'within': within, 'notes': notes,
@@ -2047,9 +2233,9 @@ def family_form(family_id, section, act):
 @app.post('/admin/families/<family_id>/edit')
 @admin_required
 def admin_family_edit(family_id):
-    """The family page's details form (name, notes, time zone) and its Archive / Unarchive button."""
+    """The family page's details form (name, notes, time zone, night window) and its Archive / Unarchive button."""
     def edit(family, data):
-        changes = {key: data[key] for key in ('name', 'notes', 'tz') if key in data}
+        changes = {key: data[key] for key in ('name', 'notes', 'tz', 'night_start', 'night_end') if key in data}
         if 'archived' in data:
             changes['archived'] = data['archived'] == '1'
         if update_family(family['id'], changes)['archived']:

@@ -50,17 +50,17 @@ def test_plan_is_stored_shown_pushed_and_cleared(bt, logged_in, pushed):
 
 
 @pytest.mark.parametrize('body, message', [
-    ({}, 'wake must be a time such as 07:00 (HH:MM)'),
-    (dict(PLAN, wake='7:00'), 'wake must be a time such as 07:00 (HH:MM)'),
-    (dict(PLAN, wake='24:00'), 'wake must be a time such as 07:00 (HH:MM)'),
-    (dict(PLAN, bedtime=1900), 'bedtime must be a time such as 07:00 (HH:MM)'),
-    (dict(PLAN, bedtime='19:00:00'), 'bedtime must be a time such as 07:00 (HH:MM)'),
+    ({}, 'wake must be a time HH:MM such as 19:00'),
+    (dict(PLAN, wake='7:00'), 'wake must be a time HH:MM such as 19:00'),
+    (dict(PLAN, wake='24:00'), 'wake must be a time HH:MM such as 19:00'),
+    (dict(PLAN, bedtime=1900), 'bedtime must be a time HH:MM such as 19:00'),
+    (dict(PLAN, bedtime='19:00:00'), 'bedtime must be a time HH:MM such as 19:00'),
     (dict(PLAN, naps='09:30'), 'naps must be a list of at most 5 naps'),
     (dict(PLAN, naps=[{'start': '09:00', 'end': '09:30'}] * 6), 'naps must be a list of at most 5 naps'),
     (dict(PLAN, naps=[{'start': '11:00', 'end': '09:30'}]), 'nap 1 must start before it ends'),
     (dict(PLAN, naps=[{'start': '09:00', 'end': '09:30'}, {'start': '13:00', 'end': '13:00'}]),
      'nap 2 must start before it ends'),
-    (dict(PLAN, naps=[{'start': '09:00'}]), 'nap 1 end must be a time such as 07:00 (HH:MM)'),
+    (dict(PLAN, naps=[{'start': '09:00'}]), 'nap 1 end must be a time HH:MM such as 19:00'),
     (dict(PLAN, naps=['09:00-10:00']), 'nap 1 must be {"start": "HH:MM", "end": "HH:MM"}'),
     (dict(PLAN, naps=[{'start': '09:00', 'end': '10:00', 'label': 'x'}]), 'nap 1 must be {"start"'),
     (dict(PLAN, colour='red'), 'unknown plan field: colour'),
@@ -181,8 +181,8 @@ def test_a_bedtime_after_midnight_is_drawn_from_bedtime_to_wake(bt, jane):
 
 
 @pytest.mark.parametrize('fields, message', [
-    ({'wake': '', 'bedtime': '19:00'}, 'wake must be a time such as 07:00 (HH:MM)'),
-    ({'wake': '07:00', 'bedtime': '7pm'}, 'bedtime must be a time such as 07:00 (HH:MM)'),
+    ({'wake': '', 'bedtime': '19:00'}, 'wake must be a time HH:MM such as 19:00'),
+    ({'wake': '07:00', 'bedtime': '7pm'}, 'bedtime must be a time HH:MM such as 19:00'),
     ({'wake': '07:00', 'bedtime': '19:00', 'nap1_start': '11:00', 'nap1_end': '09:30'}, 'nap 1 must start before it ends'),
     ({'wake': '07:00', 'bedtime': '19:00', 'nap1_start': '09:30'}, 'nap 1 end must be a time'),
 ])

@@ -1,4 +1,4 @@
-%# Dashboard: expects families (family rows with today, seen and states), show_archived, hm,
+%# Dashboard: expects families (family rows with today, seen, states and flags in words; flagged first), show_archived, hm,
 %# zones, form (name, notes, tz of the Add client form), error (its message or None), csrf.
 % rebase('base.tpl', title='Clients')
 <main>
@@ -22,6 +22,13 @@
   <td class="client"><a href="/admin/families/{{f['id']}}">{{f['name']}}</a>
 % if f['archived']:
     <span class="badge">archived</span>
+% end
+% if f['flags']:
+    <ul class="flags">
+% for words in f['flags']:
+      <li>{{words}}</li>
+% end
+    </ul>
 % end
   </td>
   <td data-label="Last activity">{{f['seen']}}</td>

@@ -1,4 +1,4 @@
-%# Family page: expects family, date, prev, next, summary (hours with sleep), chart, links, online,
+%# Family page: expects family, date, prev, next, summary (hours with sleep), chart, nights, links, online,
 %# config, plan, planned (the plan's sleep as wall-clock minutes) and within (its part in an hour),
 %# notes, day_notes (the shown day's), editor (button rows), changes, form (what each form shows),
 %# errors (section -> message), zones, now, csrf,
@@ -26,6 +26,7 @@
 % end
 % include('family_day.tpl')
 % include('family_chart.tpl')
+% include('family_nights.tpl')
 <div class="columns">
 % include('family_plan.tpl')
 % include('family_notes.tpl')

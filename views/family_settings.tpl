@@ -12,6 +12,11 @@
 <label>Notes <textarea name="notes" rows="4" maxlength="10000">{{form['notes']}}</textarea></label>
 <label for="family-tz">Time zone</label>
 % include('tz_select.tpl', id='family-tz', selected=form['tz'])
+<div class="pair">
+<label>Night starts <input type="time" name="night_start" value="{{form['night_start']}}" required></label>
+<label>Night ends <input type="time" name="night_end" value="{{form['night_end']}}" required></label>
+</div>
+<p class="hint">The Nights table and the dashboard's flags count each night between these two times.</p>
 <button type="submit" class="primary">Save details</button>
 </form>
 % if family['archived']:
