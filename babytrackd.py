@@ -2477,6 +2477,18 @@ def maintenance_loop():
         gevent.sleep(3600)
 
 
+def probe_storage():
+    """Try a write that needs new pages, so /health recovers once the disk takes writes again even
+    when no device is writing (fly.io routes no requests to a machine whose check fails)."""
+    faults = storage['faults']
+    try:
+        with transaction():
+            db.execute('INSERT INTO login_failures (address, at) VALUES (zeroblob(16384), 0)')
+            db.execute('DELETE FROM login_failures WHERE at = 0')
+    except sqlite3.Error:
+        storage['faults'] = faults  # the same fault, not a new one
+
+
 def checkpoint_loop():
     """Once a second after writes, copy the WAL into the database from a thread. SQLite's own
     checkpoint runs inside a commit, and its fsyncs held up the loop for ms: serve() leaves it only
@@ -2487,9 +2499,12 @@ def checkpoint_loop():
             conn.execute('PRAGMA wal_checkpoint(PASSIVE)')
         finally:
             conn.close()
-    done = db.total_changes
+    done, probed = db.total_changes, 0
     while True:
         gevent.sleep(1)
+        if storage['fault'] and time.monotonic() - probed >= STORAGE_RETRY:
+            probe_storage()
+            probed = time.monotonic()
         if db.total_changes != done:
             done = db.total_changes
             try:
