@@ -666,9 +666,7 @@ def apply_entry(family_id, action, message, by, now=None):
         new['updated_at'] = updated_at
         if stored and not wins(new, stored):
             return 'stale', 'update', stored
-        # Above both tables' highest: the change log never reuses a number, even past entries written around it.
-        seq = db.execute("""SELECT MAX(COALESCE((SELECT MAX(seq) FROM entries), 0),
-                                     COALESCE((SELECT MAX(seq) FROM changes), 0)) + 1""").fetchone()[0]
+        seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]  # the change log's too
         row = (fields['id'], family_id, new['ts'], new['type'], new['value'], int(new['deleted']), new['updated_at'], seq, by)
         db.execute("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -700,7 +698,6 @@ def restore_entry(family_id, entry_id, seq, by, now=None):
 
 # Import (CONTRACT section 9): babytrackd's own CSV and JSON exports, and Huckleberry's CSV export.
 IMPORT_MAX = 5 * 1024 * 1024
-EXPORT_COLUMNS = ['id', 'time', 'ts', 'type', 'value', 'by', 'updated_at', 'seq']
 HUCKLEBERRY_COLUMNS = {'Type', 'Start', 'End', 'Start Condition', 'Start Location', 'End Condition'}
 BREAST_SIDES = re.compile(r'(\d+):(\d+)(?::\d+)?\s*([LR])\b', re.IGNORECASE)  # '0:10R', '00:04L', '0:10L, 0:05R'
 
@@ -748,28 +745,21 @@ def huckleberry_entries(row, tz):
     return [(start, 'nappy', 'wet + dirty' if wet and dirty else 'wet' if wet else 'dirty')]
 
 
-def read_import(family, data, now):
-    """Read an import file into the entries it holds; raise Invalid naming the line of the first problem.
-
-    Returns (entries, skipped): entries as dicts ready for apply_entry ('add'), one per id; skipped
-    counts the rows left out by their type. Nothing is stored here.
-    """
-    try:
-        text = data.decode('utf-8-sig')
-    except UnicodeDecodeError:
-        raise Invalid('The file is not UTF-8 text: export it again as CSV or JSON.') from None
-    family_id, tz, found, skipped = family['id'], family['tz'], {}, {}
-    own = {r[0] for r in db.execute('SELECT id FROM entries WHERE family_id = ?', (family_id,))}
-
-    def keep(where, entry, source_id=None):
+def huckleberry_rows(text, family):
+    """Yield (where, None, entries or a skip name) for each row of a Huckleberry export."""
+    for where, row in csv_rows(text, HUCKLEBERRY_COLUMNS):
         try:
-            if source_id is not None:  # an export of this family keeps its ids; another family's get derived ones
-                source_id = validate_entry_fields({'id': source_id}, now, False)['id']
-                entry['id'] = source_id if source_id in own else import_id(family_id, 'babytrackd', source_id)
-            found[entry['id']] = validate_entry_fields(entry, now, True)
+            made = huckleberry_entries(row, family['tz'])
         except Invalid as error:
             raise Invalid(f'{where}: {error}') from None
+        # logged as it happened (updated_at = ts); the id stays the same however the notes change later
+        yield where, None, made if isinstance(made, str) else [
+            {'id': import_id(family['id'], 'huckleberry', row['Type'].strip(), ts, value), 'ts': ts, 'type': kind,
+             'value': value, 'updated_at': ts} for ts, kind, value in made]
 
+
+def export_rows(text):
+    """Yield (where, source id, fields) for each entry of babytrackd's JSON or CSV export ('deleted' for a tombstone)."""
     if text.lstrip().startswith('{'):
         try:
             document = parse_json(text)
@@ -781,43 +771,60 @@ def read_import(family, data, now):
         for number, item in enumerate(listed, start=1):
             if not isinstance(item, dict):
                 raise Invalid(f'Entry {number}: not an object.')
-            if item.get('deleted'):
-                skipped['deleted'] = skipped.get('deleted', 0) + 1
-                continue
-            keep(f'Entry {number}', {name: item.get(name) for name in ('ts', 'type', 'value', 'updated_at')},
-                 item.get('id', ''))
-    else:
-        reader = csv.reader(io.StringIO(text, newline=''))
+            fields = {name: item.get(name) for name in ('ts', 'type', 'value', 'updated_at')}
+            yield f'Entry {number}', item.get('id', ''), 'deleted' if item.get('deleted') else fields
+        return
+    for where, row in csv_rows(text, {'id', 'ts', 'type', 'value'}):
         try:
-            header = [name.strip() for name in next(reader, [])]
-            huckleberry = HUCKLEBERRY_COLUMNS <= set(header)
-            if not huckleberry and not {'id', 'ts', 'type', 'value'} <= set(header):
-                raise Invalid('Line 1: this is neither a babytrackd export nor a Huckleberry CSV export '
-                              '(its first line should name the columns).')
-            for cells in reader:
-                if not any(cell.strip() for cell in cells):
-                    continue
-                where, row = f'Line {reader.line_num}', dict(zip(header, cells + [''] * len(header)))
-                if not huckleberry:
-                    try:
-                        ts, updated_at = int(row['ts']), int(row.get('updated_at') or row['ts'])
-                    except (TypeError, ValueError):
-                        raise Invalid(f'{where}: ts and updated_at must be whole numbers of milliseconds.') from None
-                    unquoted = {name: text[1:] if text[:1] == "'" and text[1:2] in tuple('=+-@\t\r') else text
-                                for name in ('type', 'value') for text in [row.get(name) or '']}
-                    keep(where, {'ts': ts, 'updated_at': updated_at, **unquoted}, row['id'].strip())
-                    continue
-                try:
-                    made = huckleberry_entries(row, tz)
-                except Invalid as error:
-                    raise Invalid(f'{where}: {error}') from None
-                if isinstance(made, str):
-                    skipped[made] = skipped.get(made, 0) + 1
-                for ts, kind, value in made if isinstance(made, list) else []:  # logged as it happened: updated_at = ts
-                    keep(where, {'id': import_id(family_id, 'huckleberry', row['Type'].strip(), ts, value),
-                                 'ts': ts, 'type': kind, 'value': value, 'updated_at': ts})
-        except csv.Error as error:  # e.g. a cell over csv's field limit (128 KiB)
-            raise Invalid(f'Line {reader.line_num}: this CSV cannot be read ({error}).') from None
+            ts, updated_at = int(row['ts']), int(row.get('updated_at') or row['ts'])
+        except ValueError:
+            raise Invalid(f'{where}: ts and updated_at must be whole numbers of milliseconds.') from None
+        unquote = lambda text: text[1:] if text[:1] == "'" and text[1:2] in tuple('=+-@\t\r') else text  # see the export
+        yield where, row['id'].strip(), {'ts': ts, 'updated_at': updated_at, 'type': unquote(row['type']),
+                                         'value': unquote(row['value'])}
+
+
+def csv_rows(text, columns):
+    """Yield ('Line N', {column: cell}) for each non-blank record; its header must name `columns`."""
+    reader = csv.reader(io.StringIO(text, newline=''))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        if not columns <= set(header):
+            raise Invalid('Line 1: this is neither a babytrackd export nor a Huckleberry CSV export '
+                          '(its first line should name the columns).')
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                yield f'Line {reader.line_num}', dict(zip(header, cells + [''] * len(header)))
+    except csv.Error as error:  # e.g. a cell over csv's field limit (128 KiB)
+        raise Invalid(f'Line {reader.line_num}: this CSV cannot be read ({error}).') from None
+
+
+def read_import(family, data, now):
+    """Read an import file into the entries it holds; raise Invalid naming the line of the first problem.
+
+    Returns (entries, skipped): entries as dicts ready for apply_entry ('add'), one per id; skipped
+    counts the rows left out, by what they were. Nothing is stored here.
+    """
+    try:
+        text = data.decode('utf-8-sig')
+    except UnicodeDecodeError:
+        raise Invalid('The file is not UTF-8 text: export it again as CSV or JSON.') from None
+    family_id, found, skipped = family['id'], {}, {}
+    own = {r[0] for r in db.execute('SELECT id FROM entries WHERE family_id = ?', (family_id,))}
+    header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', text.lstrip())[0].split(',')}
+    rows = huckleberry_rows(text, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(text)
+    for where, source_id, made in rows:
+        if isinstance(made, str):
+            skipped[made] = skipped.get(made, 0) + 1
+            continue
+        for entry in made if source_id is None else [made]:
+            try:
+                if source_id is not None:  # an export of this family keeps its ids; another family's get derived ones
+                    source_id = validate_entry_fields({'id': source_id}, now, False)['id']
+                    entry['id'] = source_id if source_id in own else import_id(family_id, 'babytrackd', source_id)
+                found[entry['id']] = validate_entry_fields(entry, now, True)
+            except Invalid as error:
+                raise Invalid(f'{where}: {error}') from None
     new = sum(1 for entry_id in found if entry_id not in own)
     if len(own) + new > FAMILY_MAX_ENTRIES:
         raise Invalid(f'This file would take the family past its limit of {FAMILY_MAX_ENTRIES:,} entries.')
