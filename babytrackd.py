@@ -685,7 +685,8 @@ def restore_entry(family_id, entry_id, seq, by, now=None):
 
     Returns apply_entry's answer, or None when the entry has no such version in this family.
     """
-    version = one('SELECT * FROM changes WHERE seq = ? AND entry_id = ? AND family_id = ?', seq, entry_id, family_id)
+    version = one('SELECT * FROM changes WHERE seq = ? AND entry_id = ? AND family_id = ?',
+                  seq, entry_id, family_id) if 0 < seq < 2 ** 63 else None
     if version is None:
         return None
     now = now_ms() if now is None else now
@@ -799,21 +800,18 @@ def csv_rows(text, columns):
         raise Invalid(f'Line {reader.line_num}: this CSV cannot be read ({error}).') from None
 
 
-def read_import(family, data, now):
-    """Read an import file into the entries it holds; raise Invalid naming the line of the first problem.
+def import_entries(family, text, now, skipped):
+    """Yield every entry of an import file, validated and ready for apply_entry ('add'); count the rows
+    left out in `skipped`, by what they were. Raises Invalid naming the line of the first problem.
 
-    Returns (entries, skipped): entries as dicts ready for apply_entry ('add'), one per id; skipped
-    counts the rows left out, by what they were. Nothing is stored here.
+    Holds nothing but the text, so a 5 MiB file is read twice (check, then store) instead of being
+    held as ~100,000 entries; gives the event loop a turn every 500 rows (never inside a transaction).
     """
-    try:
-        text = data.decode('utf-8-sig')
-    except UnicodeDecodeError:
-        raise Invalid('The file is not UTF-8 text: export it again as CSV or JSON.') from None
-    family_id, found, skipped = family['id'], {}, {}
-    own = {r[0] for r in db.execute('SELECT id FROM entries WHERE family_id = ?', (family_id,))}
     header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', text.lstrip())[0].split(',')}
     rows = huckleberry_rows(text, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(text)
-    for where, source_id, made in rows:
+    for number, (where, source_id, made) in enumerate(rows):
+        if number % 500 == 499:
+            gevent.sleep(0)
         if isinstance(made, str):
             skipped[made] = skipped.get(made, 0) + 1
             continue
@@ -821,14 +819,27 @@ def read_import(family, data, now):
             try:
                 if source_id is not None:  # an export of this family keeps its ids; another family's get derived ones
                     source_id = validate_entry_fields({'id': source_id}, now, False)['id']
-                    entry['id'] = source_id if source_id in own else import_id(family_id, 'babytrackd', source_id)
-                found[entry['id']] = validate_entry_fields(entry, now, True)
+                    ours = one('SELECT 1 FROM entries WHERE id = ? AND family_id = ?', source_id, family['id'])
+                    entry['id'] = source_id if ours else import_id(family['id'], 'babytrackd', source_id)
+                yield validate_entry_fields(entry, now, True)
             except Invalid as error:
                 raise Invalid(f'{where}: {error}') from None
-    new = sum(1 for entry_id in found if entry_id not in own)
-    if len(own) + new > FAMILY_MAX_ENTRIES:
+
+
+def survey_import(family, data, now):
+    """Read a whole import file, storing nothing: return (its text, {entries, skipped, from, to}) or raise Invalid."""
+    try:
+        text = data.decode('utf-8-sig')
+    except UnicodeDecodeError:
+        raise Invalid('The file is not UTF-8 text: export it again as CSV or JSON.') from None
+    found = {'entries': 0, 'skipped': {}, 'from': None, 'to': None}
+    for entry in import_entries(family, text, now, found['skipped']):
+        found['entries'] += 1
+        found['from'], found['to'] = min(found['from'] or entry['ts'], entry['ts']), max(found['to'] or 0, entry['ts'])
+    held = db.execute('SELECT COUNT(*) FROM entries WHERE family_id = ?', (family['id'],)).fetchone()[0]
+    if held + found['entries'] > FAMILY_MAX_ENTRIES:  # as if none were here yet: an import never stops half way
         raise Invalid(f'This file would take the family past its limit of {FAMILY_MAX_ENTRIES:,} entries.')
-    return list(found.values()), skipped
+    return text, found
 
 
 ###############################################################################
@@ -2068,16 +2079,14 @@ def uploaded_file(family_id, form):
     return data
 
 
-def store_import(family_id, entries, chunk=200):
-    """Write imported entries as any device's writes are written and pushed; return how many were accepted."""
+def store_import(family, text):
+    """Write a surveyed import file's entries as a device's writes are written and pushed; return how many were accepted."""
     added = 0
-    for start in range(0, len(entries), chunk):
-        for entry in entries[start:start + chunk]:
-            outcome, action, stored = apply_entry(family_id, 'add', {'entry': entry}, 'import')
-            if outcome == 'accepted':
-                publish_entry(family_id, action, stored)
-                added += 1
-        gevent.sleep(0)  # between transactions: the devices and the other requests get their turn
+    for entry in import_entries(family, text, now_ms(), {}):
+        outcome, action, stored = apply_entry(family['id'], 'add', {'entry': entry}, 'import')
+        if outcome == 'accepted':
+            publish_entry(family['id'], action, stored)
+            added += 1
     return added
 
 
@@ -2091,21 +2100,19 @@ def admin_family_import(family_id):
     form = {key: request.forms.getunicode(key) for key in request.forms} if as_json else form_body()
     try:
         data = uploaded_file(family_id, form)
-        entries, skipped = read_import(family, data, now_ms())
+        text, found = survey_import(family, data, now_ms())
     except Invalid as error:
         if as_json:
             raise
         response.status = 400
         return page('family', **family_page(family, None, {'import': str(error)}))
-    times = [entry['ts'] for entry in entries]
-    found = {'entries': len(entries), 'skipped': skipped, 'from': min(times, default=None), 'to': max(times, default=None)}
     held = hold_import(family_id, data) if form.get('preview') == '1' and not as_json else None
     if form.get('preview') != '1':
-        found['added'] = store_import(family_id, entries)
+        found['added'] = store_import(family, text)
     if as_json:
         return found
     day = lambda ms: f'{local_time(ms, family["tz"]):%-d %b %Y}'
-    skipped = ', '.join(f'{count:,} {name}' for name, count in sorted(skipped.items()))
+    skipped = ', '.join(f'{count:,} {name}' for name, count in sorted(found['skipped'].items()))
     return page('family_import_preview', family=family, found=found, skipped=skipped, held=held, day=day)
 
 

@@ -117,6 +117,7 @@ def test_another_familys_entry_or_version_is_404_and_changes_nothing(bt, logged_
     logged_in.post_json(f"/admin/families/{noah['id']}/entries/e1/restore", {'seq': seq}, status=404)
     logged_in.post_json(f"/admin/families/{noah['id']}/entries/n1/restore", {'seq': seq}, status=404)  # not n1's
     logged_in.post_json(f"/admin/families/{olivia['id']}/entries/e1/restore", {'seq': 'one'}, status=400)
+    logged_in.post_json(f"/admin/families/{olivia['id']}/entries/e1/restore", {'seq': 2 ** 64}, status=404)
     logged_in.get(f"/admin/families/{olivia['id']}/entries/nope/history", headers=accept, status=404)
     logged_in.get('/admin/families/nosuchid/deleted', headers=accept, status=404)
     assert counts(bt) == before
