@@ -519,13 +519,16 @@ def test_history_deleted_and_import_preview_in_chromium(server, admin, browser, 
     page.wait_for_selector('.versions li:nth-child(3) .badge.online')
     assert phone.entry_echo('e1')['entry']['value'] == 'bottle'  # the phone has it at once
 
-    page.goto(base + '/deleted')
+    page.goto(base)
+    page.click('#activity a:has-text("Recently deleted")')
+    page.wait_for_selector('h1:has-text("Recently deleted")')
     assert page.locator('table.activity tbody tr').count() == 1 and fits()
     page.screenshot(path=f'{SHOTS}/deleted-{width}.png', full_page=True)
 
     huckleberry = tmp_path / 'huckleberry.csv'
     huckleberry.write_text(HUCKLEBERRY)
     page.goto(base + '#import')
+    page.locator('#import').screenshot(path=f'{SHOTS}/import-form-{width}.png')
     page.set_input_files('#import input[type=file]', str(huckleberry))
     page.click('#import button:has-text("Preview")')
     page.wait_for_selector('h1:has-text("Import this file?")')

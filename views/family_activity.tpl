@@ -21,4 +21,5 @@
 </tbody>
 </table>
 % end
+<p class="meta"><a href="/admin/families/{{family['id']}}/deleted">Recently deleted</a> · each entry opens its history</p>
 </section>

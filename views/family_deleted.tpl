@@ -13,7 +13,7 @@
 % else:
 <section class="card">
 <table class="activity">
-<thead><tr><th scope="col">Deleted</th><th scope="col">Entry</th><th scope="col">By</th><th scope="col"><span class="visually-hidden">Restore</span></th></tr></thead>
+<thead><tr><th scope="col">Deleted</th><th scope="col">Entry</th><th scope="col">Deleted by</th><th scope="col"><span class="visually-hidden">Restore</span></th></tr></thead>
 <tbody>
 % for entry in entries:
 <tr>

@@ -12,5 +12,4 @@ You see what it holds before anything is stored; importing the same file twice a
   <label>File <input type="file" name="file" accept=".csv,.json,text/csv,application/json" required></label>
   <button type="submit" class="primary">Preview</button>
 </form>
-<p class="meta"><a href="/admin/families/{{family['id']}}/deleted">Recently deleted entries</a></p>
 </section>
