@@ -93,6 +93,8 @@ def test_history_after_add_update_delete_and_restore(bt, logged_in):
     page = logged_in.get(path + '/history')
     assert page.text.count('Restore this version') == 3 and 'jane' in page.text and 'Dad' in page.text
     assert page.text.count('badge online">current') == 1
+    again = logged_in.post_json(path + '/restore', {'seq': changes[0]['seq']}).json['entry']  # already current
+    assert again == entry and len(bt.entry_history(family['id'], 'e1')) == 4
 
 
 def test_restoring_wins_over_a_device_clock_that_ran_ahead(bt, logged_in):
@@ -333,6 +335,25 @@ def test_a_huckleberry_export_maps_to_exact_entries_in_the_familys_zone_across_a
     # a later export that overlaps (one more row, different notes) adds only what is new
     later = HUCKLEBERRY.replace('"long one, finally"', 'edited') + 'Diaper,2026-10-26 07:00,,,Pee,,,\r\n'
     assert upload(logged_in, family, later.encode()).json['added'] == 1
+
+
+def test_huckleberry_times_on_a_spring_forward_night(bt, logged_in):
+    family = bt.create_family('Noah', tz='America/New_York')  # 02:00 became 03:00 on 8 Mar 2026
+    data = ('Type,Start,End,Duration,Start Condition,Start Location,End Condition,Notes\n'
+            'Sleep,2026-03-07 20:00,2026-03-08 07:00,10:00,,,,\nDiaper,2026-03-08 02:30,,,Pee,,,\n')
+    assert upload(logged_in, family, data.encode()).json['added'] == 3
+    ny = 'America/New_York'
+    assert same_entries(bt, family) == [(at('2026-03-07 20:00', ny), 'sleep', 'sleeping'),
+                                        (at('2026-03-08 03:30', ny), 'nappy', 'wet'),  # the gap: read before the change
+                                        (at('2026-03-08 07:00', ny), 'sleep', 'awake')]
+    assert at('2026-03-08 07:00', ny) - at('2026-03-07 20:00', ny) == 10 * HOUR
+
+
+def test_a_json_client_on_another_site_cannot_import(bt, logged_in):
+    family = bt.create_family('Olivia', tz=LONDON)
+    answer = logged_in.post(f"/admin/families/{family['id']}/import", upload_files=[('file', 'h.csv', HUCKLEBERRY.encode())],
+                            headers={'Accept': 'application/json', 'Origin': 'https://evil.example'}, status=403)
+    assert answer.json['error'] and counts(bt)['entries'] == 0
 
 
 @pytest.mark.parametrize('data, message', [
