@@ -666,15 +666,17 @@ def apply_entry(family_id, action, message, by, now=None):
         new['updated_at'] = updated_at
         if stored and not wins(new, stored):
             return 'stale', 'update', stored
-        seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]  # the change log's too
-        row = (fields['id'], family_id, new['ts'], new['type'], new['value'], int(new['deleted']), new['updated_at'], seq, by)
+        seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]
         db.execute("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                       ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, type = excluded.type, value = excluded.value,
                         deleted = excluded.deleted, updated_at = excluded.updated_at, seq = excluded.seq, by = excluded.by""",
-                   row)
-        db.execute("""INSERT INTO changes (entry_id, family_id, ts, type, value, deleted, updated_at, seq, by, at)
-                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", (*row, now))
+                   (fields['id'], family_id, new['ts'], new['type'], new['value'], int(new['deleted']),
+                    new['updated_at'], seq, by))
+        # the change log, in the same transaction; an entry's seq only grows, so its rows' seqs are unique too
+        db.execute("""INSERT INTO changes (seq, entry_id, family_id, ts, type, value, deleted, updated_at, by, at)
+                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", (seq, fields['id'], family_id, new['ts'], new['type'],
+                                                                new['value'], int(new['deleted']), new['updated_at'], by, now))
     entry = {'id': fields['id'], **new, 'seq': seq, 'by': by}
     kind = 'add' if stored is None else 'delete' if new['deleted'] else 'update'
     return 'accepted', kind, entry
