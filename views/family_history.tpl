@@ -1,5 +1,6 @@
 %# One entry's history: expects family, entry_id, changes (every version, oldest first), current (the current
 %# version's seq), when (ms -> text), csrf.
+%# Only the three known types become a class name (t-sleep, t-feed, t-nappy): a type is free text.
 % rebase('base.tpl', title='History · ' + family['name'])
 <main>
 <div class="heading">
@@ -13,7 +14,7 @@
 <ol class="versions">
 % for change in changes:
 <li class="card{{' deleted' if change['deleted'] else ''}}">
-  <p class="version-head"><span class="event t-{{change['type']}}">{{change['type']}}: {{change['value']}}</span>
+  <p class="version-head"><span class="event {{'t-' + change['type'] if change['type'] in ('sleep', 'feed', 'nappy') else ''}}">{{change['type']}}: {{change['value']}}</span>
     <span class="muted">at {{when(change['ts'])}}</span>
 % if change['deleted']:
     <span class="badge">deleted</span>
