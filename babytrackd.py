@@ -710,13 +710,13 @@ def import_id(family_id, *source):
     return 'imp-' + hashlib.sha256('\x1f'.join(map(str, (family_id, *source))).encode()).hexdigest()[:40]
 
 
-def local_ms(text, tz, name):
-    """Return the milliseconds of a local 'YYYY-MM-DD HH:MM[:SS]' in zone tz (an hour that happens twice: the first)."""
+def local_ms(text, tz, name, fold=0):
+    """Return the milliseconds of a local 'YYYY-MM-DD HH:MM[:SS]' in zone tz (a time that happens twice: fold 0 the first)."""
     try:
         moment = dt.datetime.fromisoformat(text.strip())
     except ValueError:
         raise Invalid(f'{name} must look like 2026-11-03 19:42, not "{text[:40]}"') from None
-    return int(moment.replace(tzinfo=moment.tzinfo or zoneinfo.ZoneInfo(tz)).timestamp() * 1000)
+    return int(moment.replace(tzinfo=moment.tzinfo or zoneinfo.ZoneInfo(tz), fold=fold).timestamp() * 1000)
 
 
 def huckleberry_entries(row, tz):
@@ -730,7 +730,7 @@ def huckleberry_entries(row, tz):
             return [(start, 'sleep', 'sleeping')]  # still asleep when exported
         end = local_ms(row['End'], tz, 'End')
         if end < start:  # the end fell in the repeated hour of an autumn night: its second pass
-            end += 3600 * 1000
+            end = local_ms(row['End'], tz, 'End', fold=1)
         return [(start, 'sleep', 'sleeping'), (end, 'sleep', 'awake')]
     if kind == 'Feed':
         if 'bottle' in row['Start Location'].lower():
