@@ -685,6 +685,35 @@ def recent_changes(family_id, limit=50):
     return [entry_dict(r) for r in found]
 
 
+def change_dict(row):
+    """Shape a change-log row: one version of an entry, with the server time it was accepted (`at`)."""
+    return dict(row, deleted=bool(row['deleted']))
+
+
+def entry_history(family_id, entry_id):
+    """Return every version of one of the family's entries, oldest first (empty for another family's)."""
+    return [change_dict(r) for r in db.execute(
+        """SELECT seq, ts, type, value, deleted, updated_at, by, at FROM changes
+           WHERE entry_id = ? AND family_id = ? ORDER BY seq""", (entry_id, family_id))]
+
+
+def family_changes(family_id):
+    """Return the family's whole change log, oldest first."""
+    return [change_dict(r) for r in db.execute(
+        """SELECT seq, entry_id, ts, type, value, deleted, updated_at, by, at FROM changes
+           WHERE family_id = ? ORDER BY seq""", (family_id,))]
+
+
+def deleted_entries(family_id, now, days=30):
+    """Return the family's entries deleted in the last `days` days (server time), newest first, each with
+    `restore_seq`: its last version that was not deleted."""
+    found = db.execute("""SELECT e.*, (SELECT MAX(seq) FROM changes WHERE entry_id = e.id AND NOT deleted) AS restore_seq
+                          FROM entries e JOIN changes c ON c.seq = e.seq
+                          WHERE e.family_id = ? AND e.deleted AND c.at >= ? ORDER BY e.seq DESC""",
+                       (family_id, now - days * DAY_MS))
+    return [dict(entry_dict(r), restore_seq=r['restore_seq']) for r in found]
+
+
 ###############################################################################
 # Sync #########################################################################
 ###############################################################################
@@ -791,9 +820,175 @@ def apply_entry(family_id, action, message, by, now=None):
                         deleted = excluded.deleted, updated_at = excluded.updated_at, seq = excluded.seq, by = excluded.by""",
                    (fields['id'], family_id, new['ts'], new['type'], new['value'], int(new['deleted']),
                     new['updated_at'], seq, by))
+        # the change log, in the same transaction; an entry's seq only grows, so its rows' seqs are unique too
+        db.execute("""INSERT INTO changes (seq, entry_id, family_id, ts, type, value, deleted, updated_at, by, at)
+                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", (seq, fields['id'], family_id, new['ts'], new['type'],
+                                                                new['value'], int(new['deleted']), new['updated_at'], by, now))
     entry = {'id': fields['id'], **new, 'seq': seq, 'by': by}
     kind = 'add' if stored is None else 'delete' if new['deleted'] else 'update'
     return 'accepted', kind, entry
+
+
+def restore_entry(family_id, entry_id, seq, by, now=None):
+    """Make version `seq` of one of the family's entries current again, as a new write by `by`.
+
+    Returns apply_entry's answer, or None when the entry has no such version in this family.
+    """
+    version = one('SELECT * FROM changes WHERE seq = ? AND entry_id = ? AND family_id = ?',
+                  seq, entry_id, family_id) if 0 < seq < 2 ** 63 else None
+    if version is None:
+        return None
+    now = now_ms() if now is None else now
+    current = one('SELECT updated_at FROM entries WHERE id = ?', entry_id)
+    # now, or just after the current version when a device's clock ran ahead of ours: a restore always wins
+    entry = {'id': entry_id, 'ts': version['ts'], 'type': version['type'], 'value': version['value'],
+             'deleted': bool(version['deleted']), 'updated_at': max(now, current['updated_at'] + 1)}
+    return apply_entry(family_id, 'update', {'entry': entry}, by, now)
+
+
+# Import (CONTRACT section 9): babytrackd's own CSV and JSON exports, and Huckleberry's CSV export.
+IMPORT_MAX = 5 * 1024 * 1024
+HUCKLEBERRY_COLUMNS = {'Type', 'Start', 'End', 'Start Condition', 'Start Location', 'End Condition'}
+BREAST_SIDES = re.compile(r'(\d+):(\d+)(?::\d+)?\s*([LR])\b', re.IGNORECASE)  # '0:10R', '00:04L', '0:10L, 0:05R'
+
+
+def import_id(family_id, *source):
+    """Derive an entry id from the family and its source row: importing the same file again finds the same ids."""
+    return 'imp-' + hashlib.sha256('\x1f'.join(map(str, (family_id, *source))).encode()).hexdigest()[:40]
+
+
+def local_ms(text, tz, name, fold=0):
+    """Return the milliseconds of a local 'YYYY-MM-DD HH:MM[:SS]' in zone tz (a time that happens twice: fold 0 the first)."""
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise Invalid(f'{name} must look like 2026-11-03 19:42, not "{text[:40]}"') from None
+    return int(moment.replace(tzinfo=moment.tzinfo or zoneinfo.ZoneInfo(tz), fold=fold).timestamp() * 1000)
+
+
+def huckleberry_entries(row, tz):
+    """Return the (ts, type, value) entries of one Huckleberry row, or a name to count it under as skipped."""
+    kind, conditions = row['Type'].strip(), f"{row['Start Condition']} {row['End Condition']}"
+    if kind not in ('Sleep', 'Feed', 'Diaper'):
+        return kind or '(no type)'
+    start = local_ms(row['Start'], tz, 'Start')
+    if kind == 'Sleep':
+        if not row['End'].strip():
+            return [(start, 'sleep', 'sleeping')]  # still asleep when exported
+        end = local_ms(row['End'], tz, 'End')
+        if end < start:  # the end fell in the repeated hour of an autumn night: its second pass
+            end = local_ms(row['End'], tz, 'End', fold=1)
+        return [(start, 'sleep', 'sleeping'), (end, 'sleep', 'awake')]
+    if kind == 'Feed':
+        if 'bottle' in row['Start Location'].lower():
+            return [(start, 'feed', 'bottle')]
+        found, at = [], start
+        for hours, minutes, side in BREAST_SIDES.findall(conditions):  # each side in the order listed, one after the other
+            if int(hours) or int(minutes):
+                found.append((at, 'feed', 'breast left' if side.upper() == 'L' else 'breast right'))
+                at += (int(hours) * 60 + int(minutes)) * 60000
+        return found or 'Feed (no side or bottle)'
+    said = conditions.lower()  # a Diaper: 'Pee', 'Poo:small', 'Pee + Poo', 'Both, pee:medium poo:medium', 'Dry'
+    wet, dirty = 'pee' in said or 'both' in said, 'poo' in said or 'both' in said
+    if not (wet or dirty):
+        return 'Diaper (dry)'
+    return [(start, 'nappy', 'wet + dirty' if wet and dirty else 'wet' if wet else 'dirty')]
+
+
+def huckleberry_rows(text, family):
+    """Yield (where, None, entries or a skip name) for each row of a Huckleberry export."""
+    for where, row in csv_rows(text, HUCKLEBERRY_COLUMNS):
+        try:
+            made = huckleberry_entries(row, family['tz'])
+        except Invalid as error:
+            raise Invalid(f'{where}: {error}') from None
+        # logged as it happened (updated_at = ts); the id stays the same however the notes change later
+        yield where, None, made if isinstance(made, str) else [
+            {'id': import_id(family['id'], 'huckleberry', row['Type'].strip(), ts, value), 'ts': ts, 'type': kind,
+             'value': value, 'updated_at': ts} for ts, kind, value in made]
+
+
+def export_rows(text):
+    """Yield (where, source id, fields) for each entry of babytrackd's JSON or CSV export ('deleted' for a tombstone)."""
+    if text.lstrip().startswith('{'):
+        try:
+            document = parse_json(text)
+        except (ValueError, RecursionError) as error:
+            raise Invalid(f'Line {getattr(error, "lineno", 1)}: this is not valid JSON.') from None
+        listed = document.get('entries') if isinstance(document, dict) else None
+        if not isinstance(listed, list):
+            raise Invalid('Line 1: this JSON is not a babytrackd export (it has no "entries" list).')
+        for number, item in enumerate(listed, start=1):
+            if not isinstance(item, dict):
+                raise Invalid(f'Entry {number}: not an object.')
+            fields = {name: item.get(name) for name in ('ts', 'type', 'value', 'updated_at')}
+            yield f'Entry {number}', item.get('id', ''), 'deleted' if item.get('deleted') else fields
+        return
+    for where, row in csv_rows(text, {'id', 'ts', 'type', 'value'}):
+        try:
+            ts, updated_at = int(row['ts']), int(row.get('updated_at') or row['ts'])
+        except ValueError:
+            raise Invalid(f'{where}: ts and updated_at must be whole numbers of milliseconds.') from None
+        unquote = lambda text: text[1:] if text[:1] == "'" and text[1:2] in tuple('=+-@\t\r') else text  # see the export
+        yield where, row['id'].strip(), {'ts': ts, 'updated_at': updated_at, 'type': unquote(row['type']),
+                                         'value': unquote(row['value'])}
+
+
+def csv_rows(text, columns):
+    """Yield ('Line N', {column: cell}) for each non-blank record; its header must name `columns`."""
+    reader = csv.reader(io.StringIO(text, newline=''))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        if not columns <= set(header):
+            raise Invalid('Line 1: this is neither a babytrackd export nor a Huckleberry CSV export '
+                          '(its first line should name the columns).')
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                yield f'Line {reader.line_num}', dict(zip(header, cells + [''] * len(header)))
+    except csv.Error as error:  # e.g. a cell over csv's field limit (128 KiB)
+        raise Invalid(f'Line {reader.line_num}: this CSV cannot be read ({error}).') from None
+
+
+def import_entries(family, text, now, skipped):
+    """Yield every entry of an import file, validated and ready for apply_entry ('add'); count the rows
+    left out in `skipped`, by what they were. Raises Invalid naming the line of the first problem.
+
+    Holds nothing but the text, so a 5 MiB file is read twice (check, then store) instead of being
+    held as ~100,000 entries; gives the event loop a turn every 500 rows (never inside a transaction).
+    """
+    header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', text.lstrip())[0].split(',')}
+    rows = huckleberry_rows(text, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(text)
+    for number, (where, source_id, made) in enumerate(rows):
+        if number % 500 == 499:
+            gevent.sleep(0)
+        if isinstance(made, str):
+            skipped[made] = skipped.get(made, 0) + 1
+            continue
+        for entry in made if source_id is None else [made]:
+            try:
+                if source_id is not None:  # an export of this family keeps its ids; another family's get derived ones
+                    source_id = validate_entry_fields({'id': source_id}, now, False)['id']
+                    ours = one('SELECT 1 FROM entries WHERE id = ? AND family_id = ?', source_id, family['id'])
+                    entry['id'] = source_id if ours else import_id(family['id'], 'babytrackd', source_id)
+                yield validate_entry_fields(entry, now, True)
+            except Invalid as error:
+                raise Invalid(f'{where}: {error}') from None
+
+
+def survey_import(family, data, now):
+    """Read a whole import file, storing nothing: return (its text, {entries, skipped, from, to}) or raise Invalid."""
+    try:
+        text = data.decode('utf-8-sig')
+    except UnicodeDecodeError:
+        raise Invalid('The file is not UTF-8 text: export it again as CSV or JSON.') from None
+    found = {'entries': 0, 'skipped': {}, 'from': None, 'to': None}
+    for entry in import_entries(family, text, now, found['skipped']):
+        found['entries'] += 1
+        found['from'], found['to'] = min(found['from'] or entry['ts'], entry['ts']), max(found['to'] or 0, entry['ts'])
+    held = db.execute('SELECT COUNT(*) FROM entries WHERE family_id = ?', (family['id'],)).fetchone()[0]
+    if held + found['entries'] > FAMILY_MAX_ENTRIES:  # as if none were here yet: an import never stops half way
+        raise Invalid(f'This file would take the family past its limit of {FAMILY_MAX_ENTRIES:,} entries.')
+    return text, found
 
 
 ###############################################################################
@@ -1712,8 +1907,9 @@ app.default_error_handler = error_handler
 @app.hook('before_request')
 def before_request():
     """Refuse oversized bodies early; find the admin session."""
-    if request.content_length > MAX_BODY:
-        bottle.abort(413, 'Request body is over 64 KiB.')
+    importing = request.path.endswith('/import')  # its file comes in a form: up to 5 MiB and the form around it
+    if request.content_length > (IMPORT_MAX + MAX_BODY if importing else MAX_BODY):
+        bottle.abort(413, 'The file is over 5 MiB.' if importing else 'Request body is over 64 KiB.')
     request.environ['babytrackd.session'] = (get_session(request.get_cookie(ADMIN_COOKIE))
                                              if request.path.startswith('/admin') else None)
 
@@ -2339,7 +2535,7 @@ def admin_family_export(family_id, kind):
     response.set_header('Content-Disposition', f'attachment; filename="babytrack-{family_id}.{kind}"')
     if kind == 'json':
         response.content_type = 'application/json'
-        return json.dumps({'family': family, 'exported_at': now_ms(), 'entries': entries})
+        return json.dumps({'family': family, 'exported_at': now_ms(), 'entries': entries, 'changes': family_changes(family_id)})
     out = io.StringIO()
     writer = csv.DictWriter(out, ['id', 'time', 'ts', 'type', 'value', 'by', 'updated_at', 'seq'], extrasaction='ignore')
     writer.writeheader()
@@ -2348,6 +2544,130 @@ def admin_family_export(family_id, kind):
                          else text for key, text in entry.items()})
     response.content_type = 'text/csv; charset=utf-8'
     return out.getvalue()
+
+
+# -- admin pages: history, restore and import -------------------------------------
+
+def publish_entry(family_id, action, entry):
+    """Send an accepted write to the family's devices, as handle_message does for a device's own."""
+    stats['entries_accepted'] += 1
+    hub.broadcast(family_id, {'type': 'entry', 'action': action, 'entry': entry})
+
+
+@app.get('/admin/families/<family_id>/entries/<entry_id>/history')
+@admin_required
+def admin_entry_history(family_id, entry_id):
+    """Every version of one entry, oldest first, each restorable."""
+    family = family_or_404(family_id)
+    changes = entry_history(family_id, entry_id)
+    if not changes:
+        bottle.abort(404, 'No such entry in this family.')
+    if wants_json():
+        return {'changes': changes}
+    now = now_ms()
+    return page('family_history', family=family, entry_id=entry_id, changes=changes, current=changes[-1]['seq'],
+                when=lambda ms: when(ms, family['tz'], now))
+
+
+@app.post('/admin/families/<family_id>/entries/<entry_id>/restore')
+@admin_required
+def admin_entry_restore(family_id, entry_id):
+    """Make an older version current again (by = the admin), pushed to the family's devices like any change."""
+    family_or_404(family_id)
+    data = form_or_json()
+    seq = data.get('seq')
+    answer = restore_entry(family_id, entry_id, check_int(int(seq) if isinstance(seq, str) and seq.isdigit() else seq,
+                                                          'seq'), request.environ['babytrackd.session']['username'])
+    if answer is None:
+        bottle.abort(404, 'This entry has no such version in this family.')
+    outcome, action, entry = answer
+    if outcome == 'accepted':
+        publish_entry(family_id, action, entry)
+    if sends_json():
+        return {'entry': entry}
+    back = 'deleted' if data.get('back') == 'deleted' else f'entries/{entry_id}/history'
+    bottle.redirect(f'/admin/families/{family_id}/{back}', 303)
+
+
+@app.get('/admin/families/<family_id>/deleted')
+@admin_required
+def admin_family_deleted(family_id):
+    """Entries deleted in the last 30 days, newest first, each restorable."""
+    family, now = family_or_404(family_id), now_ms()
+    entries = deleted_entries(family_id, now)
+    if wants_json():
+        return {'entries': entries}
+    return page('family_deleted', family=family, entries=entries, when=lambda ms: when(ms, family['tz'], now))
+
+
+# Files a preview shows wait here for its Import button: at most IMPORT_HELD of them (the oldest goes first),
+# for IMPORT_HELD_SECONDS, so uploads can hold at most IMPORT_HELD * IMPORT_MAX bytes of memory.
+IMPORT_HELD, IMPORT_HELD_SECONDS = 3, 30 * 60
+held_imports = {}  # key -> (family id, expires (monotonic), file bytes)
+
+
+def hold_import(family_id, data):
+    """Keep an uploaded file for its preview's Import button; return its key."""
+    now = time.monotonic()
+    for key, (_, expires, _) in list(held_imports.items()):
+        if expires < now or len(held_imports) >= IMPORT_HELD:
+            del held_imports[key]
+    key = secrets.token_urlsafe(16)
+    held_imports[key] = (family_id, now + IMPORT_HELD_SECONDS, data)
+    return key
+
+
+def uploaded_file(family_id, form):
+    """Return the import file's bytes: the multipart field `file` (413 past IMPORT_MAX), or a held preview's."""
+    if form.get('held'):
+        family, expires, data = held_imports.pop(form['held'], (None, 0, None))
+        if family != family_id or expires < time.monotonic():
+            raise Invalid('This preview has expired. Choose the file again.')
+        return data
+    upload = request.POST.get('file')
+    if upload is None or upload == '':
+        raise Invalid('Choose a file to import.')
+    data = upload.file.read(IMPORT_MAX + 1) if isinstance(upload, bottle.FileUpload) else upload.encode()
+    if len(data) > IMPORT_MAX:
+        bottle.abort(413, 'The file is over 5 MiB.')
+    return data
+
+
+def store_import(family, text):
+    """Write a surveyed import file's entries as a device's writes are written and pushed; return how many were accepted."""
+    added = 0
+    for entry in import_entries(family, text, now_ms(), {}):
+        outcome, action, stored = apply_entry(family['id'], 'add', {'entry': entry}, 'import')
+        if outcome == 'accepted':
+            publish_entry(family['id'], action, stored)
+            added += 1
+    return added
+
+
+@app.post('/admin/families/<family_id>/import')
+@admin_required
+def admin_family_import(family_id):
+    """Read a babytrackd export or a Huckleberry CSV (multipart field `file`): preview it, or store it."""
+    family, as_json = family_or_404(family_id), wants_json()
+    if as_json and not same_origin(request.environ):  # a browser's cross-site form cannot send the Accept header,
+        bottle.abort(403, 'Import from this server\'s own pages.')  # but a cross-site script could post multipart
+    form = {key: request.forms.getunicode(key) for key in request.forms} if as_json else form_body()
+    try:
+        data = uploaded_file(family_id, form)
+        text, found = survey_import(family, data, now_ms())
+    except Invalid as error:
+        if as_json:
+            raise
+        response.status = 400
+        return page('family', **family_page(family, None, {'import': str(error)}))
+    held = hold_import(family_id, data) if form.get('preview') == '1' and not as_json else None
+    if form.get('preview') != '1':
+        found['added'] = store_import(family, text)
+    if as_json:
+        return found
+    day = lambda ms: f'{local_time(ms, family["tz"]):%-d %b %Y}'
+    skipped = ', '.join(f'{count:,} {name}' for name, count in sorted(found['skipped'].items()))
+    return page('family_import_preview', family=family, found=found, skipped=skipped, held=held, day=day)
 
 
 ###############################################################################

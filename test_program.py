@@ -254,7 +254,7 @@ def test_parents_notes_show_on_the_day_grid_and_never_count(bt, jane, clock):
     page = family_page(jane, family)
     notes = page.html.select('table.grid .event.t-note')
     assert [n.get_text(' ', strip=True) for n in notes] == ['01:10 Calpol 1 am · Dad', '10:30 teething · Mum']
-    assert notes[0]['title'] == 'note from the family'
+    assert notes[0]['title'] == 'note from the family: history'
     assert 'note' not in [term.get_text() for term in page.html.select('#day .totals dt')]
 
 

@@ -36,4 +36,5 @@
 % include('family_activity.tpl')
 </div>
 % include('family_settings.tpl')
+% include('family_import.tpl')
 </main>

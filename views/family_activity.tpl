@@ -10,7 +10,7 @@
 % for change in changes:
 <tr class="{{'deleted' if change['deleted'] else 'live'}}">
   <td>{{when(change['updated_at'])}}</td>
-  <td><span class="event t-{{change['type']}}" title="{{change['type']}}">{{change['value']}}</span> <small class="muted">at {{when(change['ts'])}}</small>
+  <td><a class="event t-{{change['type']}}" title="{{change['type']}}: history" href="/admin/families/{{family['id']}}/entries/{{change['id']}}/history">{{change['value']}}</a> <small class="muted">at {{when(change['ts'])}}</small>
 % if change['deleted']:
     <span class="badge">deleted</span>
 % end
@@ -21,4 +21,5 @@
 </tbody>
 </table>
 % end
+<p class="meta"><a href="/admin/families/{{family['id']}}/deleted">Recently deleted</a> · each entry opens its history</p>
 </section>

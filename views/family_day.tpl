@@ -45,11 +45,11 @@
   </svg></td>
   <td class="events">
 % for entry in hour['events']:
-    <span class="event t-{{entry['type']}}" title="{{'note from the family' if entry['type'] == 'note' else entry['type']}}"><time>{{clock(entry['ts'])}}</time> {{entry['value']}}
+    <a class="event t-{{entry['type']}}" title="{{'note from the family' if entry['type'] == 'note' else entry['type']}}: history" href="/admin/families/{{family['id']}}/entries/{{entry['id']}}/history"><time>{{clock(entry['ts'])}}</time> {{entry['value']}}
 % if entry['by']:
       <small>· {{entry['by']}}</small>
 % end
-    </span>
+    </a>
 % end
   </td>
 </tr>
