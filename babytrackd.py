@@ -248,7 +248,8 @@ def migrate(db):
         finally:
             target.close()
         os.replace(copy + '.part', copy)
-        log.info('upgrading the database from schema %s to %s; the old file is kept as %s', version, len(MIGRATIONS), copy)
+        log.info('upgrading the database from schema %s to %s; the old file is kept as %s',
+                 version, len(MIGRATIONS), copy)
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         db.executescript(f'BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;')
 
@@ -2042,10 +2043,12 @@ def announce():
     if not os.environ.get('BASE_URL'):
         lines.append('for a real deployment set BASE_URL to its public https:// address (share links, Secure cookies)')
     if not ADMIN_PASS:
-        lines.append('set ADMIN_PASS to choose the admin password (or a hash from: python babytrackd.py hash-password)')
+        lines.append('set ADMIN_PASS to choose the admin password '
+                     f'(or a hash from: {sys.executable} babytrackd.py hash-password)')
     print('\n'.join(f'babytrackd: {line}' for line in lines), flush=True)
     if not SECURE_COOKIES and not on_this_machine(urlsplit(BASE_URL).hostname or ''):
-        log.warning('BASE_URL %s is not https: cookies will not be Secure, and logins cross the network in clear', BASE_URL)
+        log.warning('BASE_URL %s is not https: cookies will not be Secure, and logins cross the network in clear',
+                    BASE_URL)
     if TRUST_PROXY_HEADER and not on_this_machine(HOST):
         log.warning('TRUST_PROXY_HEADER is set but HOST %s is reachable from outside: a client connecting directly '
                     'can forge %s; listen on 127.0.0.1 behind the proxy', HOST, TRUST_PROXY_HEADER)

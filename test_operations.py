@@ -68,6 +68,18 @@ def test_without_base_url_the_console_says_how_to_set_it(bt, monkeypatch, capsys
     assert 'set BASE_URL to its public https:// address' in capsys.readouterr().out
 
 
+def test_a_trusted_proxy_header_on_a_port_open_to_all_warns(bt, monkeypatch, capsys):
+    warnings = []
+    monkeypatch.setattr(bt.log, 'warning', lambda message, *args: warnings.append(message % args))
+    monkeypatch.setattr(bt, 'TRUST_PROXY_HEADER', 'X-Real-IP')
+    monkeypatch.setattr(bt, 'HOST', '127.0.0.1')
+    bt.announce()
+    assert not [warning for warning in warnings if 'TRUST_PROXY_HEADER' in warning]
+    monkeypatch.setattr(bt, 'HOST', '0.0.0.0')
+    bt.announce()
+    assert [warning for warning in warnings if 'a client connecting directly can forge X-Real-IP' in warning]
+
+
 @pytest.mark.parametrize('host, local', [('localhost', True), ('127.0.0.1', True), ('127.8.0.1', True),
                                          ('::1', True), ('0.0.0.0', False), ('192.168.1.5', False),
                                          ('babytrack.example.com', False)])
