@@ -1556,8 +1556,10 @@ def admin_login():
         raise bottle.HTTPError(status, message, **headers)
 
     if login_limiter.blocked(address):
-        return refuse(429, 'Too many failed logins. Try again in 15 minutes.',
-                      Retry_After=str(login_retry_after(address)))
+        seconds = login_retry_after(address)
+        minutes = math.ceil(seconds / 60)
+        return refuse(429, f"Too many failed logins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.",
+                      Retry_After=str(seconds))
     login_limiter.fail(address)  # counted before bcrypt runs, so parallel guesses count too
     admin = authenticate(username, password)
     if admin is None:
