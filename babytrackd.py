@@ -46,6 +46,7 @@ import functools
 import gc
 import hashlib
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -235,8 +236,21 @@ MIGRATIONS = [
 
 
 def migrate(db):
-    """Bring the schema up to the newest version, one migration per transaction."""
+    """Bring the schema up to the newest version, one migration per transaction; an older file is
+    first copied (SQLite's backup) to backups/before-migration-<version>.db beside it."""
     version = db.execute('PRAGMA user_version').fetchone()[0]
+    path = db.execute('PRAGMA database_list').fetchone()[2]
+    if 0 < version < len(MIGRATIONS) and path:
+        copy = os.path.join(os.path.dirname(path), 'backups', f'before-migration-{version}.db')
+        os.makedirs(os.path.dirname(copy), exist_ok=True)
+        target = sqlite3.connect(copy + '.part')
+        try:
+            db.backup(target)
+        finally:
+            target.close()
+        os.replace(copy + '.part', copy)
+        log.info('upgrading the database from schema %s to %s; the old file is kept as %s',
+                 version, len(MIGRATIONS), copy)
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         db.executescript(f'BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;')
 
@@ -1383,6 +1397,13 @@ class RateLimiter:
 login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 
 
+def login_retry_after(address):
+    """Return the whole seconds until a blocked address may try to log in again (for Retry-After)."""
+    now = time.monotonic()
+    times = login_limiter._recent(address, now)
+    return max(1, math.ceil(times[-login_limiter.limit] + login_limiter.window - now)) if times else 0
+
+
 ###############################################################################
 # Hub ##########################################################################
 ###############################################################################
@@ -1861,10 +1882,16 @@ def form_body():
     return {key: request.forms.getunicode(key) for key in request.forms}
 
 
+def proxy_header():
+    """Return the header our own proxy puts the client's address in (TRUST_PROXY_HEADER, fly.io's), or None."""
+    return TRUST_PROXY_HEADER or ('Fly-Client-IP' if BEHIND_FLY_PROXY else None)
+
+
 def client_address():
-    """Return the client's address (fly.io's proxy header where we run behind it)."""
-    if BEHIND_FLY_PROXY and request.get_header('Fly-Client-IP'):
-        return request.get_header('Fly-Client-IP')
+    """Return the client's address: the trusted proxy's header when it carries one, else the socket's peer."""
+    forwarded = proxy_header() and request.get_header(proxy_header())
+    if forwarded:
+        return forwarded.split(',')[-1].strip()  # in a list, the last address is the one our proxy added
     return request.environ.get('REMOTE_ADDR') or '-'  # not bottle's remote_addr: it trusts X-Forwarded-For
 
 
@@ -2063,14 +2090,19 @@ def admin_login():
     username, password = data.get('username'), data.get('password')
     address = client_address()
 
-    def refuse(status, message):
+    def refuse(status, message, **headers):
         if is_form:
             response.status = status
+            for name, value in headers.items():
+                response.set_header(name, value)
             return page('login', error=message, username_value=username if isinstance(username, str) else '')
-        bottle.abort(status, message)
+        raise bottle.HTTPError(status, message, **headers)
 
     if login_limiter.blocked(address):
-        return refuse(429, 'Too many failed logins. Try again in 15 minutes.')
+        seconds = login_retry_after(address)
+        minutes = math.ceil(seconds / 60)
+        return refuse(429, f"Too many failed logins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.",
+                      Retry_After=str(seconds))
     login_limiter.fail(address)  # counted before bcrypt runs, so parallel guesses count too
     admin = authenticate(username, password)
     if admin is None:
@@ -2730,11 +2762,29 @@ def rss_bytes():
         return 0
 
 
+def metrics_allowed():
+    """Tell whether this request may read /metrics: it carries METRICS_TOKEN, or comes from this
+    machine or a private network and not through our public proxy (fly.io's, or TRUST_PROXY_HEADER's)."""
+    if METRICS_TOKEN and secrets.compare_digest(request.get_header('Authorization', '').encode(),
+                                                f'Bearer {METRICS_TOKEN}'.encode()):
+        return True
+    if proxy_header() and request.get_header(proxy_header()):
+        return False
+    if BEHIND_FLY_PROXY:
+        return True  # fly.io's scraper, over its private network
+    try:
+        peer = ipaddress.ip_address(request.environ.get('REMOTE_ADDR', ''))
+    except ValueError:
+        return False
+    peer = getattr(peer, 'ipv4_mapped', None) or peer  # ::ffff:127.0.0.1 when listening on ::
+    return peer.is_loopback or peer.is_private
+
+
 @app.get('/metrics')
 def metrics():
-    """Prometheus text format, for fly.io's scraper on the private network only."""
-    if BEHIND_FLY_PROXY and request.get_header('Fly-Client-IP'):
-        bottle.abort(404, 'Not found.')  # came in through the public proxy
+    """Prometheus text format, for a scraper on this machine or a private network (see metrics_allowed)."""
+    if not metrics_allowed():
+        bottle.abort(404, 'Not found.')
     response.content_type = 'text/plain; version=0.0.4'
     lines = [f'babytrackd_{name}_total {value}' for name, value in sorted(stats.items())]
     lines.append(f'babytrackd_open_sockets {len(hub.peers())}')
@@ -2866,6 +2916,33 @@ class Handler(WebSocketHandler):
         super().handle()
 
 
+def on_this_machine(host):
+    """Tell whether a host name or address means this machine (localhost, 127.0.0.0/8, ::1)."""
+    try:
+        return host == 'localhost' or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def announce():
+    """Tell the operator on the console where to log in, where the data lives and what to set next."""
+    snapshots = (f'daily snapshots in {backup_dir()}/ (the newest {BACKUP_KEEP} kept)' if BACKUP_KEEP > 0
+                 else 'daily snapshots off (BACKUP_KEEP=0)')
+    lines = [f'log in at {BASE_URL}/admin as {ADMIN_USER}', f'database {os.path.abspath(DB_PATH)}; {snapshots}']
+    if not os.environ.get('BASE_URL'):
+        lines.append('for a real deployment set BASE_URL to its public https:// address (share links, Secure cookies)')
+    if not ADMIN_PASS:
+        lines.append('set ADMIN_PASS to choose the admin password '
+                     f'(or a hash from: {sys.executable} babytrackd.py hash-password)')
+    print('\n'.join(f'babytrackd: {line}' for line in lines), flush=True)
+    if not SECURE_COOKIES and not on_this_machine(urlsplit(BASE_URL).hostname or ''):
+        log.warning('BASE_URL %s is not https: cookies will not be Secure, and logins cross the network in clear',
+                    BASE_URL)
+    if TRUST_PROXY_HEADER and not on_this_machine(HOST):
+        log.warning('TRUST_PROXY_HEADER is set but HOST %s is reachable from outside: a client connecting directly '
+                    'can forge %s; listen on 127.0.0.1 behind the proxy', HOST, TRUST_PROXY_HEADER)
+
+
 def serve(host=HOST, port=PORT):
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
     server = WSGIServer((host, port), logged(app), handler_class=Handler, log=None, error_log=log)
@@ -2882,7 +2959,7 @@ def serve(host=HOST, port=PORT):
     db.execute('PRAGMA wal_autocheckpoint = 4000')  # 16 MB: reached only when the thread cannot keep up
     background = [gevent.spawn(maintenance_loop), gevent.spawn(checkpoint_loop)]
     log.info('babytrackd %s listening on %s:%s', VERSION, host, server.server_port)
-    print(f'babytrackd: log in at {BASE_URL}/admin as {ADMIN_USER}', flush=True)
+    announce()
     stopping.wait()
     gevent.killall(background)
     shutdown(server)
