@@ -1364,21 +1364,12 @@ class RateLimiter:
     def __init__(self, limit, window):
         self.limit, self.window = limit, window
 
-    def _recent(self, key, now):
-        """Return the address's failures inside the window (ms), newest first."""
-        start = (time.time() if now is None else now) * 1000 - self.window * 1000
-        return [row[0] for row in db.execute('SELECT at FROM login_failures WHERE address = ? AND at > ? ORDER BY at DESC',
-                                             (key, start))]
-
-    def blocked(self, key, now=None):
-        """Tell whether the address has used up its failures."""
-        return len(self._recent(key, now)) >= self.limit
-
     def retry_after(self, key, now=None):
         """Return the whole seconds until the address may try again (0 when it may now)."""
         now = time.time() if now is None else now
-        times = self._recent(key, now)
-        return 0 if len(times) < self.limit else max(1, math.ceil(times[self.limit - 1] / 1000 + self.window - now))
+        oldest = db.execute("""SELECT at FROM login_failures WHERE address = ? AND at > ?
+                               ORDER BY at DESC LIMIT 1 OFFSET ?""", (key, (now - self.window) * 1000, self.limit - 1)).fetchone()
+        return max(1, math.ceil(oldest[0] / 1000 + self.window - now)) if oldest else 0
 
     def fail(self, key, now=None):
         """Record one failure for the address, forgetting every failure whose window has passed."""
@@ -1395,13 +1386,6 @@ class RateLimiter:
 
 
 login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
-
-
-def login_retry_after(address):
-    """Return the whole seconds until a blocked address may try to log in again (for Retry-After)."""
-    now = time.monotonic()
-    times = login_limiter._recent(address, now)
-    return max(1, math.ceil(times[-login_limiter.limit] + login_limiter.window - now)) if times else 0
 
 
 ###############################################################################
@@ -2098,8 +2082,7 @@ def admin_login():
             return page('login', error=message, username_value=username if isinstance(username, str) else '')
         raise bottle.HTTPError(status, message, **headers)
 
-    if login_limiter.blocked(address):
-        seconds = login_retry_after(address)
+    if seconds := login_limiter.retry_after(address):
         minutes = math.ceil(seconds / 60)
         return refuse(429, f"Too many failed logins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.",
                       Retry_After=str(seconds))

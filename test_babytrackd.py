@@ -181,9 +181,9 @@ def test_rate_limit_window_passes(bt):
     limiter = bt.RateLimiter(5, 900)
     for second in range(5):
         limiter.fail('1.2.3.4', now=second)
-    assert limiter.blocked('1.2.3.4', now=899)
-    assert not limiter.blocked('1.2.3.4', now=905)
-    assert not limiter.blocked('5.6.7.8', now=10)
+    assert limiter.retry_after('1.2.3.4', now=899) == 1
+    assert limiter.retry_after('1.2.3.4', now=905) == 0
+    assert limiter.retry_after('5.6.7.8', now=10) == 0
 
 
 def test_logout_ends_the_session(logged_in):

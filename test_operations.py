@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections import deque
 
 import pytest
 
@@ -90,8 +89,10 @@ def test_what_counts_as_this_machine(bt, host, local):
 # Retry-After on the login limit -----------------------------------------------------------------
 
 def fail_logins_ago(bt, seconds, address='10.0.0.1'):
-    """Record the limit's worth of failed logins for the address, `seconds` ago."""
-    bt.login_limiter.failures[address] = deque([time.monotonic() - seconds] * bt.LOGIN_FAILURES)
+    """Make the address's failed logins the limit's worth, `seconds` ago."""
+    bt.db.execute('DELETE FROM login_failures')
+    for _ in range(bt.LOGIN_FAILURES):
+        bt.login_limiter.fail(address, now=time.time() - seconds)
 
 
 def test_a_json_login_refused_by_the_limit_says_when_to_retry(web):
