@@ -58,6 +58,7 @@ import time
 import uuid
 import zoneinfo
 from collections import deque
+from itertools import chain
 from urllib.parse import urlsplit
 
 import bcrypt
@@ -108,7 +109,6 @@ SESSION_DAYS = 14
 MAX_BODY = 64 * 1024
 MAX_MESSAGE = 64 * 1024
 MAX_CONFIG = 16 * 1024
-SEND_QUEUE = 256
 LOGIN_FAILURES, LOGIN_WINDOW = 5, 15 * 60
 CLOCK_SKEW_MS = 5 * 60 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -534,15 +534,19 @@ ENTRY_JSON = """json_object('id', id, 'ts', ts, 'type', type, 'value', value,
     'deleted', json(CASE WHEN deleted THEN 'true' ELSE 'false' END), 'updated_at', updated_at, 'seq', seq, 'by', by)"""
 
 
-def entries_json(family_id, since=0):
-    """Return, as a JSON array, the live entries (since=0) or every change after seq `since`."""
-    if since:
-        found = db.execute(f'SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND seq > ? ORDER BY seq',
-                           (family_id, since))
-    else:
-        found = db.execute(f'SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND NOT deleted ORDER BY ts DESC, id',
-                           (family_id,))
-    return '[' + ','.join(row[0] for row in found) + ']'
+def entries_json(family_id, since, until, page=200):
+    """Yield, as the inside of a JSON array in pages of `page` rows, the live entries (since=0) or
+    every change after seq `since`, up to seq `until`, in seq order. Each page is read when asked
+    for, so a large family never sits in memory whole; a change made meanwhile has a seq past `until`."""
+    after, comma = since, ''
+    while True:
+        found = db.execute(f"""SELECT seq, {ENTRY_JSON} FROM entries WHERE family_id = ? AND seq > ? AND seq <= ?
+                                 AND (? OR NOT deleted) ORDER BY seq LIMIT ?""",
+                           (family_id, after, until, since > 0, page)).fetchall()
+        if not found:
+            return
+        yield comma + ','.join(row[1] for row in found)
+        after, comma = found[-1][0], ','
 
 
 def family_cursor(family_id):
@@ -903,11 +907,13 @@ login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 # The sync protocol (CONTRACT section 5), server side:
 # - A device connects to /ws?family=ID&since=SEQ with its link cookie; it is registered, gets
 #   `init` (entries since SEQ, config, members, cursor), and every other device gets `presence`.
+#   `init` goes out as one fragmented message, a page of entries at a time as the socket drains.
 # - Each accepted write is committed first, then broadcast to every socket of the family, the
 #   sender included (its acknowledgement). Repeats and stale writes are answered to the sender.
 # - A frame goes straight to the socket when nothing waits and the kernel takes it whole; else it
-#   waits in the socket's bounded queue for its one writer greenlet, which ends once the queue is
-#   empty. A device whose queue is full is closed (1013), so one slow phone never delays the others.
+#   waits in the socket's queue for its one writer greenlet, which ends once the queue is empty.
+#   A device with over WS_SEND_BUFFER bytes unsent, or whose unsent bytes made no progress for
+#   30 s, is closed (1013), so one slow phone never delays the others nor fills the memory.
 # - The hub ticks every second: it pings each peer every WS_PING_INTERVAL (each at its own moment,
 #   so a thousand sockets never answer at once), drops peers silent for three intervals, closes
 #   links that expired, and finishes closes the peer did not answer.
@@ -919,6 +925,7 @@ OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = (WebSocket.OPCODE_TEXT, WebSock
                                                  WebSocket.OPCODE_PONG)
 CLOSE_GOING_AWAY, CLOSE_PROTOCOL, CLOSE_UNSUPPORTED = 1001, 1002, 1003
 CLOSE_BAD_DATA, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, CLOSE_REVOKED = 1007, 1009, 1013, 4403
+WS_STALL_SECONDS = 30  # unsent data that makes no progress this long: the peer is not reading
 
 
 class CloseConnection(Exception):
@@ -944,14 +951,15 @@ def unmask(payload, mask):
 class Peer:
     """One live WebSocket: its link, its send queue and, while the socket is backed up, its writer."""
 
-    __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer',
-                 'last_heard', 'ping_at', 'closing_since', 'closed')
+    __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer', 'unsent',
+                 'progress_at', 'held', 'last_heard', 'ping_at', 'closing_since', 'closed')
 
     def __init__(self, ws, link):
         self.ws, self.sock = ws, ws.handler.socket
         self.family_id, self.token = link['family_id'], link['token']
         self.label, self.expires_at = link['label'] or 'device', link['expires_at']
         self.queue = deque()
+        self.unsent, self.progress_at, self.held = 0, None, None  # bytes queued; last write; see send_parts
         self.last_heard = time.monotonic()
         self.ping_at = self.last_heard + random.uniform(0, WS_PING_INTERVAL)  # spread: no ping storms
         self.closing_since = None
@@ -963,8 +971,13 @@ class Peer:
         A frame leaves the queue once written, so an empty queue means nothing is half sent."""
         try:
             while self.queue:
-                self.sock.sendall(self.queue[0])
-                self.queue.popleft()
+                sent = self.sock.send(self.queue[0])
+                self.unsent -= sent
+                self.progress_at = time.monotonic()
+                if sent < len(self.queue[0]):
+                    self.queue[0] = self.queue[0][sent:]
+                else:
+                    self.queue.popleft()
         except OSError:
             self.shutdown()
 
@@ -972,10 +985,18 @@ class Peer:
         """Send a text message (see send_frame)."""
         self.send_frame(frame(OP_TEXT, text.encode()))
 
-    def send_frame(self, data):
+    def send_frame(self, data, part=False):
         """Send one frame: at once while the socket takes it, else queued for a writer greenlet.
-        A peer whose queue is full cannot keep up: it is closed (1013), the others never wait for it."""
+        A peer with more than WS_SEND_BUFFER bytes unsent cannot keep up: it is closed (1013), the
+        others never wait for it. While a message goes out in parts, other messages wait in `held`."""
         if self.closing_since is not None:
+            return
+        if self.unsent + len(data) > WS_SEND_BUFFER:
+            self.too_slow()
+            return
+        if self.held is not None and not part and not data[0] & 0x08:  # only control frames may split a message
+            self.held.append(data)
+            self.unsent += len(data)
             return
         if not self.queue:  # the usual case: write now, never blocking the sender
             try:
@@ -988,16 +1009,39 @@ class Peer:
             if sent == len(data):
                 return
             data = data[sent:]
-        elif len(self.queue) >= SEND_QUEUE:  # drop what waits (but the frame being written), say why
-            stats['slow_closed'] += 1
-            head = self.queue.popleft()
-            self.queue.clear()
-            self.queue.append(head)
-            self.close(CLOSE_TRY_AGAIN, 'too slow')
-            return
+            self.progress_at = time.monotonic()
         self.queue.append(data)
+        self.unsent += len(data)
         if self.writer is None or self.writer.dead:
             self.writer = gevent.spawn(self._write_loop)
+
+    def too_slow(self):
+        """Drop what waits (but the frame being written) and close with 1013: the peer cannot keep up."""
+        stats['slow_closed'] += 1
+        while len(self.queue) > 1:
+            self.queue.pop()
+        self.held = [] if self.held is not None else None
+        self.unsent = sum(map(len, self.queue))
+        self.close(CLOSE_TRY_AGAIN, 'too slow')
+
+    def send_parts(self, parts):
+        """Send one text message made of parts as fragments, each once the socket has taken the one
+        before, so a large message never waits in memory whole; other messages wait until it is done."""
+        self.held, opcode = [], OP_TEXT
+        for part in parts:
+            if self.writer is not None:
+                self.writer.join()  # ends when the queue is empty, or when the socket is shut down
+            if self.closing_since is not None:
+                break
+            part = part.encode()
+            self.send_frame(Header.encode_header(False, opcode, b'', len(part), 0) + part, part=True)
+            opcode = 0  # continuation
+            gevent.sleep(0)  # a long init never holds up the other sockets
+        held, self.held = self.held, None
+        self.send_frame(frame(0), part=True)  # the last fragment, empty
+        self.unsent -= sum(map(len, held))
+        for data in held:
+            self.send_frame(data)
 
     def close(self, code, reason=''):
         """Send a close frame with its code; the socket is shut down when the peer answers or after a second."""
@@ -1035,7 +1079,7 @@ class Peer:
                 raise CloseConnection(CLOSE_PROTOCOL, str(error)[:100]) from None
             if header.flags or not header.mask:
                 raise CloseConnection(CLOSE_PROTOCOL, 'frames must be masked, without extensions')
-            size += header.length
+            size += header.length if header.opcode in (OP_TEXT, OP_BINARY, 0) else 0  # pings never add up
             if size > MAX_MESSAGE:
                 raise CloseConnection(CLOSE_TOO_BIG, 'message over 64 KiB')
             payload = stream.read(header.length) if header.length else b''
@@ -1142,6 +1186,9 @@ class Hub:
             if peer.closing_since is not None:
                 if now_mono - peer.closing_since > 1:
                     peer.shutdown()
+            elif peer.queue and now_mono - peer.progress_at > WS_STALL_SECONDS:  # pongs are no progress
+                log.info('socket closed after 30 s without reading family=%s', peer.family_id)
+                peer.too_slow()
             elif peer.expires_at is not None and peer.expires_at <= now_wall:
                 peer.close(CLOSE_REVOKED, 'link expired')
             elif now_mono - peer.last_heard > 3 * WS_PING_INTERVAL:
@@ -1214,10 +1261,12 @@ def serve_socket(ws, link, since):
     family_id = peer.family_id
     log.info('socket open family=%s', family_id)
     try:
-        members = hub.members(family_id)
-        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': family_cursor(family_id)},
+        if check_link(peer.token)[1]:  # revoked or archived while the handshake was in flight
+            peer.close(CLOSE_REVOKED, 'link revoked')
+        members, cursor = hub.members(family_id), family_cursor(family_id)
+        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': cursor},
                           separators=(',', ':'))
-        peer.send(f'{{"type":"init","entries":{entries_json(family_id, since)},{rest[1:]}')
+        peer.send_parts(chain(['{"type":"init","entries":['], entries_json(family_id, since, cursor), [f'],{rest[1:]}']))
         presence = json.dumps({'type': 'presence', 'members': members})
         for other in hub.peers(family_id):
             if other is not peer:
