@@ -44,11 +44,13 @@ import datetime as dt
 import functools
 import gc
 import hashlib
+import http.client
 import io
 import json
 import logging
 import random
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -65,6 +67,7 @@ import bcrypt
 import bottle
 import gevent
 import gevent.event
+import gevent.pool
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
@@ -109,6 +112,7 @@ SESSION_DAYS = 14
 MAX_BODY = 64 * 1024
 MAX_MESSAGE = 64 * 1024
 MAX_CONFIG = 16 * 1024
+HEAD_MAX, HEAD_SECONDS, IDLE_SECONDS = 16 * 1024, 10, 60  # a request's line + headers; a keep-alive's wait
 LOGIN_FAILURES, LOGIN_WINDOW = 5, 15 * 60
 CLOCK_SKEW_MS = 5 * 60 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -777,9 +781,9 @@ def hm(minutes):
 # Auth #########################################################################
 ###############################################################################
 
-def hash_password(password):
+def hash_password(password, rounds=BCRYPT_ROUNDS):
     """Return the bcrypt hash of a password (runs in the threadpool)."""
-    salt = bcrypt.gensalt(BCRYPT_ROUNDS)
+    salt = bcrypt.gensalt(rounds)
     return gevent.get_hub().threadpool.apply(bcrypt.hashpw, (password.encode()[:72], salt)).decode()
 
 
@@ -792,7 +796,8 @@ def password_matches(password, password_hash):
         return False
 
 
-# A hash to check against when the username is unknown, so both failures take the same time.
+# A hash to check against when the username is unknown, made with the admin hash's own cost (an
+# ADMIN_PASS given as a hash may have another than BCRYPT_ROUNDS), so both failures take the same time.
 _DUMMY_HASH = None
 
 
@@ -827,7 +832,9 @@ def authenticate(username, password):
     if not isinstance(password, str):
         return None
     if admin is None:
-        _DUMMY_HASH = _DUMMY_HASH or hash_password(secrets.token_hex(8))
+        cost = (one('SELECT password_hash FROM admins') or {}).get('password_hash', '').split('$')[2:3]
+        if not _DUMMY_HASH or _DUMMY_HASH.split('$')[2:3] != cost:
+            _DUMMY_HASH = hash_password(secrets.token_hex(8), int(cost[0]) if cost else BCRYPT_ROUNDS)
         password_matches(password, _DUMMY_HASH)
         return None
     return admin if password_matches(password, admin['password_hash']) else None
@@ -1399,6 +1406,14 @@ def page(name, **values):
                            username=session['username'] if session else None, **values)
 
 
+def redirect(path, code=303):
+    """bottle.redirect with a relative Location: never built from Host or X-Forwarded-Host."""
+    answer = response.copy(cls=bottle.HTTPResponse)
+    answer.status, answer.body = code, ''
+    answer.set_header('Location', path)
+    raise answer
+
+
 def error_handler(error):
     """Answer every error as JSON or a small page; never a traceback."""
     if error.status_code >= 500:  # Bottle has written the traceback to wsgi.errors, our log
@@ -1430,6 +1445,8 @@ def after_request():
         response.set_header(name, value)
     if request.path.startswith('/admin'):
         response.set_header('Cache-Control', 'no-store')
+    if SECURE_COOKIES:  # BASE_URL is https
+        response.set_header('Strict-Transport-Security', 'max-age=31536000')
 
 
 def admin_required(callback):
@@ -1440,7 +1457,7 @@ def admin_required(callback):
         if wants_json():
             bottle.abort(401, 'Log in first.')
         if request.method != 'GET':
-            bottle.redirect('/admin', 303)
+            redirect('/admin', 303)
         return page('login', error=None, username_value='')
     return wrapper
 
@@ -1477,12 +1494,12 @@ def link_open(token):
     max_age = (link['expires_at'] - now_ms()) // 1000 if link['expires_at'] else 400 * 86400
     response.set_cookie(LINK_COOKIE, token, path='/', httponly=True, samesite='lax',
                         secure=SECURE_COOKIES, max_age=max_age)
-    bottle.redirect('/app/', 303)
+    redirect('/app/', 303)
 
 
 @app.get('/app')
 def app_redirect():
-    bottle.redirect('/app/', 301)
+    redirect('/app/', 301)
 
 
 @app.get('/app/')
@@ -1534,6 +1551,8 @@ def ws_link(environ):
     since = req.query.get('since', '0')
     if not since.isdigit() or len(since) > 18:
         return None, (400, 'since must be a whole number.')
+    if sum(peer.token == link['token'] for peer in hub.peers(link['family_id'])) >= WS_SOCKETS_PER_LINK:
+        return None, (429, f'This link is open on {WS_SOCKETS_PER_LINK} devices already. Close one and try again.')
     return link, None
 
 
@@ -1551,7 +1570,8 @@ def ws_sync():
     """The sync socket (see the Hub chapter); refused handshakes answer plain HTTP."""
     ws, link = request.environ.get('wsgi.websocket'), request.environ.get('babytrackd.link')
     if ws is None or link is None:
-        bottle.abort(*request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.'))
+        status, message = request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.')
+        raise bottle.HTTPError(status, message, **({'Retry-After': '30'} if status == 429 else {}))
     serve_socket(ws, link, int(request.query.get('since', '0')))
     return ''
 
@@ -1585,7 +1605,7 @@ def admin_login():
     response.set_cookie(ADMIN_COOKIE, create_session(admin['id']), path='/admin', httponly=True,
                         samesite='strict', secure=SECURE_COOKIES, max_age=SESSION_DAYS * 86400)
     if is_form:
-        bottle.redirect('/admin', 303)
+        redirect('/admin', 303)
     return {'ok': True}
 
 
@@ -1598,7 +1618,7 @@ def admin_logout():
     response.delete_cookie(ADMIN_COOKIE, path='/admin')
     if wants_json():
         return {'ok': True}
-    bottle.redirect('/admin', 303)
+    redirect('/admin', 303)
 
 
 def family_today(family, now):
@@ -1628,7 +1648,7 @@ def admin_dashboard(error=None, typed=None):
 def admin_families_list():
     """List families with today's totals."""
     if not wants_json():
-        bottle.redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
+        redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
     now = now_ms()
     return {'families': [dict(f, today=family_today(f, now)['totals'])
                          for f in list_families(request.query.get('archived') == '1')]}
@@ -1754,7 +1774,7 @@ def admin_family_add():
     except Invalid as error:
         response.status = 400
         return admin_dashboard(str(error), data)
-    bottle.redirect(f"/admin/families/{family['id']}", 303)
+    redirect(f"/admin/families/{family['id']}", 303)
 
 
 def family_form(family_id, section, act):
@@ -1767,7 +1787,7 @@ def family_form(family_id, section, act):
     except Invalid as error:
         response.status = 400
         return page('family', **family_page(family, None, {section: str(error)}, data))
-    bottle.redirect(f'/admin/families/{family_id}#{section}', 303)
+    redirect(f'/admin/families/{family_id}#{section}', 303)
 
 
 @app.post('/admin/families/<family_id>/edit')
@@ -1840,8 +1860,8 @@ def admin_family_export(family_id, kind):
     out = io.StringIO()
     writer = csv.DictWriter(out, ['id', 'time', 'ts', 'type', 'value', 'by', 'updated_at', 'seq'], extrasaction='ignore')
     writer.writeheader()
-    for entry in entries:  # a text starting with = + - @ would run as a formula in a spreadsheet
-        writer.writerow({key: f"'{text}" if key in ('type', 'value', 'by') and str(text)[:1] in tuple('=+-@\t\r')
+    for entry in entries:  # a text starting with = + - @ would run as a formula in a spreadsheet (ids may start with -)
+        writer.writerow({key: f"'{text}" if isinstance(text, str) and text[:1] in tuple('=+-@\t\r')
                          else text for key, text in entry.items()})
     response.content_type = 'text/csv; charset=utf-8'
     return out.getvalue()
@@ -2018,19 +2038,106 @@ def swap_in_restore(path):
     return True
 
 
+class Refused(ValueError):
+    """A request refused before its body is read: `answer` is the whole HTTP response."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        body = json.dumps({'error': message}).encode()
+        self.status, self.answer = status[:3], (f'HTTP/1.1 {status}\r\nContent-Type: application/json\r\n'
+                                                f'Content-Length: {len(body)}\r\nConnection: close\r\n\r\n').encode() + body
+
+
+class HeadReader:
+    """Reads a request's headers for http.client, refusing them past `budget` bytes in all (431)."""
+
+    def __init__(self, rfile, budget):
+        self.rfile, self.budget = rfile, budget
+
+    def readline(self, limit=-1):
+        line = self.rfile.readline(self.budget + 1)
+        self.budget -= len(line)
+        if self.budget < 0:
+            raise Refused('431 Request Header Fields Too Large', 'Request line and headers are over 16 KiB.')
+        return line
+
+
 class Handler(WebSocketHandler):
-    """gevent-websocket's handler with TCP_NODELAY: pywsgi writes headers and body separately,
-    and without it each response waits ~40 ms for the client's delayed ACK."""
+    """gevent-websocket's handler, hardened. TCP_NODELAY: pywsgi writes headers and body separately,
+    and without it each response waits ~40 ms for the client's delayed ACK. A connection past the cap
+    is answered 503 at once. A request's line and headers get 10 s and 16 KiB, a keep-alive connection
+    60 s to begin the next request; neither deadline runs while the application (or a WebSocket) does.
+    Transfer-Encoding is refused (411) before any body is read: our bodies are small and sized."""
 
     def handle(self):
+        if len(self.server.pool) > self.server.max_connections:
+            try:
+                self.socket.sendall(Refused('503 Service Unavailable', 'Too many connections; try again soon.').answer)
+            except OSError:
+                pass
+            self.rfile.close()
+            return
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().handle()
+
+    def handle_one_request(self):
+        if self.requestline is not None:  # a request was served: wait for the next one to begin
+            began = b''
+            with gevent.Timeout(IDLE_SECONDS, False):
+                try:
+                    began = self.rfile.peek(1)
+                except OSError:
+                    pass
+            if not began:
+                return None
+        self.deadline = gevent.Timeout.start_new(HEAD_SECONDS, socket.timeout('request head too slow'))
+        try:
+            return super().handle_one_request()
+        finally:
+            self.deadline.close()
+
+    def MessageClass(self, fp, *args):
+        return super().MessageClass(HeadReader(fp, HEAD_MAX - len(self.requestline)), *args)
+
+    def read_request(self, raw_requestline):
+        try:
+            super().read_request(raw_requestline)
+        finally:
+            self.deadline.close()
+        if 'Transfer-Encoding' in self.headers:
+            raise Refused('411 Length Required', 'Send a Content-Length; Transfer-Encoding is not accepted.')
+        return True
+
+    def _handle_client_error(self, error):
+        """gevent's hook for a request it cannot read: our refusals answer for themselves."""
+        if isinstance(error, socket.timeout):
+            error = Refused('408 Request Timeout', 'The request line and headers took over 10 s.')
+        elif isinstance(error, http.client.HTTPException):  # more than 100 headers
+            error = Refused('431 Request Header Fields Too Large', 'Too many headers.')
+        if isinstance(error, Refused):
+            return error.status, error.answer
+        return super()._handle_client_error(error)
+
+
+def file_descriptors_for(connections):
+    """Raise the open-files limit to fit `connections` (and the database's files); return the
+    connection cap it allows, so the process never runs out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 64
+    if soft < wanted and (hard == resource.RLIM_INFINITY or soft < hard):
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < wanted:
+        log.warning('at most %s connections: the open-files limit is %s', soft - 64, soft)
+    return min(connections, soft - 64)
 
 
 def serve(host=HOST, port=PORT):
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    server = WSGIServer((host, port), logged(app), handler_class=Handler, log=None, error_log=log)
+    server = WSGIServer((host, port), logged(app), handler_class=Handler, log=None, error_log=log,
+                        spawn=gevent.pool.Pool())  # unbounded: Handler refuses past the cap at once
     server.pre_start_hook = pre_start_hook
+    server.max_connections = file_descriptors_for(MAX_CONNECTIONS)
     stopping = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)

@@ -9,6 +9,7 @@ import base64
 import http.cookiejar
 import json
 import os
+import re
 import resource
 import select
 import socket
@@ -209,11 +210,11 @@ def chunked_body(target, mebibytes=50):
     conn.sendall(b'POST /admin/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
                  b'Transfer-Encoding: chunked\r\n\r\n')
     chunk = b'10000\r\n' + b'x' * 0x10000 + b'\r\n'
-    sent, answer, started = 0, None, time.monotonic()
+    sent, answer = 0, None
     conn.settimeout(5)
     try:
         while sent < mebibytes * 16 and answer is None:
-            if select.select([conn], [], [], 0)[0]:
+            if select.select([conn], [], [], 0.5 if sent == 0 else 0)[0]:  # the server may answer at once
                 answer = conn.recv(64)
                 break
             conn.sendall(chunk)
@@ -256,7 +257,7 @@ def slow_headers(target, count=200, hold=12):
     for conn in conns:
         conn.setblocking(False)
         try:
-            alive += conn.recv(1) != b''
+            conn.recv(1)  # an answer (408) or the end: not held any more
         except BlockingIOError:
             alive += 1
         except OSError:
@@ -314,23 +315,22 @@ def connection_flood(target, count=1200):
     row('', '/health once they left', '%s in %.3f s' % target.health(timeout=5))
 
 
-def login_timing(target, tries=3):
-    """Wrong password for jane (admin hash of cost 10) against an unknown username."""
-    results = {}
-    for username in ('jane', 'nobody'):
-        spent = []
-        for attempt in range(tries):
-            conn = connect(target, source=f'127.0.0.{2 + attempt + 10 * (username == "nobody")}')
+def login_timing(target, tries=4):
+    """Wrong password for jane (admin hash of cost 10) against an unknown username, taking turns."""
+    spent = {'jane': [], 'nobody': []}
+    for attempt in range(tries):
+        for number, username in enumerate(spent):
+            conn = connect(target, source=f'127.0.0.{2 + attempt + 10 * number}')  # under the limiter
             body = json.dumps({'username': username, 'password': 'wrong'}).encode()
             started = time.monotonic()
             conn.sendall(b'POST /admin/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
                          b'Connection: close\r\nContent-Length: %d\r\n\r\n%s' % (len(body), body))
             conn.recv(64)
-            spent.append(time.monotonic() - started)
+            spent[username].append(time.monotonic() - started)
             conn.close()
-        results[username] = min(spent) * 1000
-    row('login: wrong password, jane vs unknown user', 'ms (admin hash cost 10)',
-        f"{results['jane']:.1f} vs {results['nobody']:.1f}")
+    median = {name: sorted(times)[len(times) // 2] * 1000 for name, times in spent.items()}
+    row('login: wrong password, jane vs unknown user', 'median ms (admin hash cost 10)',
+        f"{median['jane']:.1f} vs {median['nobody']:.1f}")
 
 
 def many_pings(target, count=600):
@@ -392,7 +392,7 @@ def csv_and_class(target):
     request = urllib.request.Request(target.base + f'/admin/families/{target.family}', headers={'Accept': 'text/html'})
     with target.opener.open(request, timeout=10) as answer:
         page = answer.read().decode()
-    row("entry type 'sleep big-red' on the day grid", 'becomes class names', 'yes' if 't-sleep big-red' in page else 'no')
+    row("entry type 'sleep big-red' on the day grid", 'becomes class names', 'yes' if re.search(r'class="[^"]*sleep big-red', page) else 'no')
 
 
 def hsts(script, directory):

@@ -10,7 +10,7 @@
 % for change in changes:
 <tr class="{{'deleted' if change['deleted'] else 'live'}}">
   <td>{{when(change['updated_at'])}}</td>
-  <td><span class="event t-{{change['type']}}" title="{{change['type']}}">{{change['value']}}</span> <small class="muted">at {{when(change['ts'])}}</small>
+  <td><span class="event" data-type="{{change['type']}}" title="{{change['type']}}">{{change['value']}}</span> <small class="muted">at {{when(change['ts'])}}</small>
 % if change['deleted']:
     <span class="badge">deleted</span>
 % end

@@ -39,7 +39,7 @@
   </svg></td>
   <td class="events">
 % for entry in hour['events']:
-    <span class="event t-{{entry['type']}}" title="{{entry['type']}}"><time>{{clock(entry['ts'])}}</time> {{entry['value']}}
+    <span class="event" data-type="{{entry['type']}}" title="{{entry['type']}}"><time>{{clock(entry['ts'])}}</time> {{entry['value']}}
 % if entry['by']:
       <small>· {{entry['by']}}</small>
 % end
