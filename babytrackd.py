@@ -796,6 +796,12 @@ def password_matches(password, password_hash):
         return False
 
 
+def hash_cost(password_hash):
+    """Return a bcrypt hash's cost (the NN of $2b$NN$...), within what bcrypt accepts."""
+    part = password_hash.split('$')[2:3]
+    return min(max(int(part[0]), 4), 31) if part and part[0].isdigit() else BCRYPT_ROUNDS
+
+
 # A hash to check against when the username is unknown, made with the admin hash's own cost (an
 # ADMIN_PASS given as a hash may have another than BCRYPT_ROUNDS), so both failures take the same time.
 _DUMMY_HASH = None
@@ -832,9 +838,10 @@ def authenticate(username, password):
     if not isinstance(password, str):
         return None
     if admin is None:
-        cost = (one('SELECT password_hash FROM admins') or {}).get('password_hash', '').split('$')[2:3]
-        if not _DUMMY_HASH or _DUMMY_HASH.split('$')[2:3] != cost:
-            _DUMMY_HASH = hash_password(secrets.token_hex(8), int(cost[0]) if cost else BCRYPT_ROUNDS)
+        stored = one('SELECT password_hash FROM admins')
+        rounds = hash_cost(stored['password_hash']) if stored else BCRYPT_ROUNDS
+        if not _DUMMY_HASH or hash_cost(_DUMMY_HASH) != rounds:
+            _DUMMY_HASH = hash_password(secrets.token_hex(8), rounds)
         password_matches(password, _DUMMY_HASH)
         return None
     return admin if password_matches(password, admin['password_hash']) else None
@@ -982,7 +989,7 @@ class Peer:
                 self.unsent -= sent
                 self.progress_at = time.monotonic()
                 if sent < len(self.queue[0]):
-                    self.queue[0] = self.queue[0][sent:]
+                    self.queue[0] = memoryview(self.queue[0])[sent:]  # no copy of a large frame per write
                 else:
                     self.queue.popleft()
         except OSError:
