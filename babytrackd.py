@@ -921,7 +921,7 @@ login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 # The sync protocol (CONTRACT section 5), server side:
 # - A device connects to /ws?family=ID&since=SEQ with its link cookie; it is registered, gets
 #   `init` (entries since SEQ, config, members, cursor), and every other device gets `presence`.
-#   `init` goes out as one fragmented message, a page of entries at a time as the socket drains.
+#   A large `init` goes out as one fragmented message, read and sent as the socket drains.
 # - Each accepted write is committed first, then broadcast to every socket of the family, the
 #   sender included (its acknowledgement). Repeats and stale writes are answered to the sender.
 # - A frame goes straight to the socket when nothing waits and the kernel takes it whole; else it
@@ -1039,20 +1039,23 @@ class Peer:
         self.close(CLOSE_TRY_AGAIN, 'too slow')
 
     def send_parts(self, parts):
-        """Send one text message made of parts as fragments, each once the socket has taken the one
-        before, so a large message never waits in memory whole; other messages wait until it is done."""
-        self.held, opcode = [], OP_TEXT
+        """Send one text message made of parts: whole when small, else in fragments of about 64 KiB,
+        each once the socket has taken the one before, so a large message never waits in memory
+        whole. Other messages wait (in `held`, counted as unsent) until it is done."""
+        self.held, opcode, pending = [], OP_TEXT, b''
         for part in parts:
+            pending += part.encode()
+            if len(pending) < MAX_MESSAGE:
+                continue
             if self.writer is not None:
                 self.writer.join()  # ends when the queue is empty, or when the socket is shut down
             if self.closing_since is not None:
                 break
-            part = part.encode()
-            self.send_frame(Header.encode_header(False, opcode, b'', len(part), 0) + part, part=True)
-            opcode = 0  # continuation
+            self.send_frame(Header.encode_header(False, opcode, b'', len(pending), 0) + pending, part=True)
+            opcode, pending = 0, b''  # continuation frames from here on
             gevent.sleep(0)  # a long init never holds up the other sockets
         held, self.held = self.held, None
-        self.send_frame(frame(0), part=True)  # the last fragment, empty
+        self.send_frame(Header.encode_header(True, opcode, b'', len(pending), 0) + pending)
         self.unsent -= sum(map(len, held))
         for data in held:
             self.send_frame(data)
