@@ -1283,11 +1283,12 @@ def serve_socket(ws, link, since):
         members, cursor = hub.members(family_id), family_cursor(family_id)
         rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': cursor},
                           separators=(',', ':'))
-        peer.send_parts(chain(['{"type":"init","entries":['], entries_json(family_id, since, cursor), [f'],{rest[1:]}']))
         presence = json.dumps({'type': 'presence', 'members': members})
         for other in hub.peers(family_id):
             if other is not peer:
                 other.send(presence)
+        entries = entries_json(family_id, since, cursor)  # read page by page while the init goes out
+        peer.send_parts(chain(['{"type":"init","entries":['], entries, [f'],{rest[1:]}']))
         while True:
             try:
                 text = peer.receive()
@@ -2054,8 +2055,9 @@ class Refused(ValueError):
     def __init__(self, status, message):
         super().__init__(message)
         body = json.dumps({'error': message}).encode()
-        self.status, self.answer = status[:3], (f'HTTP/1.1 {status}\r\nContent-Type: application/json\r\n'
-                                                f'Content-Length: {len(body)}\r\nConnection: close\r\n\r\n').encode() + body
+        head = (f'HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n'
+                'Connection: close\r\n\r\n')
+        self.status, self.answer = status[:3], head.encode() + body
 
 
 class HeadReader:
