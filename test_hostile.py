@@ -363,8 +363,8 @@ def test_an_unknown_username_costs_the_admin_hash_own_bcrypt_work(tmp_path):
                 assert answer_of(conn, timeout=10) == 'HTTP/1.1 401 Unauthorized'
                 spent[username].append(time.monotonic() - started)
                 conn.close()
-        jane, nobody = (sorted(times)[1] for times in spent.values())
-        assert nobody > 0.5 * jane, (jane, nobody)  # cost 4 against cost 10 was 60 times faster
+        jane, nobody = (min(times) for times in spent.values())  # the least disturbed by a loaded machine
+        assert nobody > jane / 5, (jane, nobody)  # with a cost-4 dummy it was 18 times faster, HTTP included
     finally:
         server.stop()
 
