@@ -45,6 +45,7 @@ import datetime as dt
 import functools
 import gc
 import hashlib
+import http.client
 import io
 import ipaddress
 import json
@@ -52,6 +53,7 @@ import logging
 import math
 import random
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -61,12 +63,14 @@ import time
 import uuid
 import zoneinfo
 from collections import deque
+from itertools import chain
 from urllib.parse import urlsplit
 
 import bcrypt
 import bottle
 import gevent
 import gevent.event
+import gevent.pool
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
@@ -111,7 +115,7 @@ SESSION_DAYS = 14
 MAX_BODY = 64 * 1024
 MAX_MESSAGE = 64 * 1024
 MAX_CONFIG = 16 * 1024
-SEND_QUEUE = 256
+HEAD_MAX, HEAD_SECONDS, IDLE_SECONDS = 16 * 1024, 10, 60  # a request's line + headers; a keep-alive's wait
 LOGIN_FAILURES, LOGIN_WINDOW = 5, 15 * 60
 CLOCK_SKEW_MS = 5 * 60 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -677,15 +681,19 @@ ENTRY_JSON = """json_object('id', id, 'ts', ts, 'type', type, 'value', value,
     'deleted', json(CASE WHEN deleted THEN 'true' ELSE 'false' END), 'updated_at', updated_at, 'seq', seq, 'by', by)"""
 
 
-def entries_json(family_id, since=0):
-    """Return, as a JSON array, the live entries (since=0) or every change after seq `since`."""
-    if since:
-        found = db.execute(f'SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND seq > ? ORDER BY seq',
-                           (family_id, since))
-    else:
-        found = db.execute(f'SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND NOT deleted ORDER BY ts DESC, id',
-                           (family_id,))
-    return '[' + ','.join(row[0] for row in found) + ']'
+def entries_json(family_id, since, until, page=200):
+    """Yield, as the inside of a JSON array in pages of `page` rows, the live entries (since=0) or
+    every change after seq `since`, up to seq `until`, in seq order. Each page is read when asked
+    for, so a large family never sits in memory whole; a change made meanwhile has a seq past `until`."""
+    after, comma = since, ''
+    while True:
+        found = db.execute(f"""SELECT seq, {ENTRY_JSON} FROM entries WHERE family_id = ? AND seq > ? AND seq <= ?
+                                 AND (? OR NOT deleted) ORDER BY seq LIMIT ?""",
+                           (family_id, after, until, since > 0, page)).fetchall()
+        if not found:
+            return
+        yield comma + ','.join(row[1] for row in found)
+        after, comma = found[-1][0], ','
 
 
 def family_cursor(family_id):
@@ -1271,9 +1279,9 @@ def family_flags(families, now):
 # Auth #########################################################################
 ###############################################################################
 
-def hash_password(password):
+def hash_password(password, rounds=BCRYPT_ROUNDS):
     """Return the bcrypt hash of a password (runs in the threadpool)."""
-    salt = bcrypt.gensalt(BCRYPT_ROUNDS)
+    salt = bcrypt.gensalt(rounds)
     return gevent.get_hub().threadpool.apply(bcrypt.hashpw, (password.encode()[:72], salt)).decode()
 
 
@@ -1286,7 +1294,14 @@ def password_matches(password, password_hash):
         return False
 
 
-# A hash to check against when the username is unknown, so both failures take the same time.
+def hash_cost(password_hash):
+    """Return a bcrypt hash's cost (the NN of $2b$NN$...), within what bcrypt accepts."""
+    part = password_hash.split('$')[2:3]
+    return min(max(int(part[0]), 4), 31) if part and part[0].isdigit() else BCRYPT_ROUNDS
+
+
+# A hash to check against when the username is unknown, made with the admin hash's own cost (an
+# ADMIN_PASS given as a hash may have another than BCRYPT_ROUNDS), so both failures take the same time.
 _DUMMY_HASH = None
 
 
@@ -1321,7 +1336,10 @@ def authenticate(username, password):
     if not isinstance(password, str):
         return None
     if admin is None:
-        _DUMMY_HASH = _DUMMY_HASH or hash_password(secrets.token_hex(8))
+        stored = one('SELECT password_hash FROM admins')
+        rounds = hash_cost(stored['password_hash']) if stored else BCRYPT_ROUNDS
+        if not _DUMMY_HASH or hash_cost(_DUMMY_HASH) != rounds:
+            _DUMMY_HASH = hash_password(secrets.token_hex(8), rounds)
         password_matches(password, _DUMMY_HASH)
         return None
     return admin if password_matches(password, admin['password_hash']) else None
@@ -1395,11 +1413,13 @@ login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 # The sync protocol (PROTOCOL.md in the repository), server side:
 # - A device connects to /ws?family=ID&since=SEQ with its link cookie; it is registered, gets
 #   `init` (entries since SEQ, config, members, cursor), and every other device gets `presence`.
+#   A large `init` goes out as one fragmented message, read and sent as the socket drains.
 # - Each accepted write is committed first, then broadcast to every socket of the family, the
 #   sender included (its acknowledgement). Repeats and stale writes are answered to the sender.
 # - A frame goes straight to the socket when nothing waits and the kernel takes it whole; else it
-#   waits in the socket's bounded queue for its one writer greenlet, which ends once the queue is
-#   empty. A device whose queue is full is closed (1013), so one slow phone never delays the others.
+#   waits in the socket's queue for its one writer greenlet, which ends once the queue is empty.
+#   A device with over WS_SEND_BUFFER bytes unsent, or whose unsent bytes made no progress for
+#   30 s, is closed (1013), so one slow phone never delays the others nor fills the memory.
 # - The hub ticks every second: it pings each peer every WS_PING_INTERVAL (each at its own moment,
 #   so a thousand sockets never answer at once), drops peers silent for three intervals, closes
 #   links that expired, and finishes closes the peer did not answer.
@@ -1411,6 +1431,7 @@ OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = (WebSocket.OPCODE_TEXT, WebSock
                                                  WebSocket.OPCODE_PONG)
 CLOSE_GOING_AWAY, CLOSE_PROTOCOL, CLOSE_UNSUPPORTED = 1001, 1002, 1003
 CLOSE_BAD_DATA, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, CLOSE_REVOKED = 1007, 1009, 1013, 4403
+WS_STALL_SECONDS = 30  # unsent data that makes no progress this long: the peer is not reading
 
 
 class CloseConnection(Exception):
@@ -1436,14 +1457,15 @@ def unmask(payload, mask):
 class Peer:
     """One live WebSocket: its link, its send queue and, while the socket is backed up, its writer."""
 
-    __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer',
-                 'last_heard', 'ping_at', 'closing_since', 'closed')
+    __slots__ = ('ws', 'sock', 'family_id', 'token', 'label', 'expires_at', 'queue', 'writer', 'unsent',
+                 'progress_at', 'held', 'last_heard', 'ping_at', 'closing_since', 'closed')
 
     def __init__(self, ws, link):
         self.ws, self.sock = ws, ws.handler.socket
         self.family_id, self.token = link['family_id'], link['token']
         self.label, self.expires_at = link['label'] or 'device', link['expires_at']
         self.queue = deque()
+        self.unsent, self.progress_at, self.held = 0, None, None  # bytes queued; last write; see send_parts
         self.last_heard = time.monotonic()
         self.ping_at = self.last_heard + random.uniform(0, WS_PING_INTERVAL)  # spread: no ping storms
         self.closing_since = None
@@ -1455,8 +1477,13 @@ class Peer:
         A frame leaves the queue once written, so an empty queue means nothing is half sent."""
         try:
             while self.queue:
-                self.sock.sendall(self.queue[0])
-                self.queue.popleft()
+                sent = self.sock.send(self.queue[0])
+                self.unsent -= sent
+                self.progress_at = time.monotonic()
+                if sent < len(self.queue[0]):
+                    self.queue[0] = memoryview(self.queue[0])[sent:]  # no copy of a large frame per write
+                else:
+                    self.queue.popleft()
         except OSError:
             self.shutdown()
 
@@ -1464,10 +1491,18 @@ class Peer:
         """Send a text message (see send_frame)."""
         self.send_frame(frame(OP_TEXT, text.encode()))
 
-    def send_frame(self, data):
+    def send_frame(self, data, part=False):
         """Send one frame: at once while the socket takes it, else queued for a writer greenlet.
-        A peer whose queue is full cannot keep up: it is closed (1013), the others never wait for it."""
+        A peer with more than WS_SEND_BUFFER bytes unsent cannot keep up: it is closed (1013), the
+        others never wait for it. While a message goes out in parts, other messages wait in `held`."""
         if self.closing_since is not None:
+            return
+        if self.unsent + len(data) > WS_SEND_BUFFER:
+            self.too_slow()
+            return
+        if self.held is not None and not part and not data[0] & 0x08:  # only control frames may split a message
+            self.held.append(data)
+            self.unsent += len(data)
             return
         if not self.queue:  # the usual case: write now, never blocking the sender
             try:
@@ -1480,16 +1515,42 @@ class Peer:
             if sent == len(data):
                 return
             data = data[sent:]
-        elif len(self.queue) >= SEND_QUEUE:  # drop what waits (but the frame being written), say why
-            stats['slow_closed'] += 1
-            head = self.queue.popleft()
-            self.queue.clear()
-            self.queue.append(head)
-            self.close(CLOSE_TRY_AGAIN, 'too slow')
-            return
+            self.progress_at = time.monotonic()
         self.queue.append(data)
+        self.unsent += len(data)
         if self.writer is None or self.writer.dead:
             self.writer = gevent.spawn(self._write_loop)
+
+    def too_slow(self):
+        """Drop what waits (but the frame being written) and close with 1013: the peer cannot keep up."""
+        stats['slow_closed'] += 1
+        while len(self.queue) > 1:
+            self.queue.pop()
+        self.held = [] if self.held is not None else None
+        self.unsent = sum(map(len, self.queue))
+        self.close(CLOSE_TRY_AGAIN, 'too slow')
+
+    def send_parts(self, parts):
+        """Send one text message made of parts: whole when small, else in fragments of about 64 KiB,
+        each once the socket has taken the one before, so a large message never waits in memory
+        whole. Other messages wait (in `held`, counted as unsent) until it is done."""
+        self.held, opcode, pending = [], OP_TEXT, b''
+        for part in parts:
+            pending += part.encode()
+            if len(pending) < MAX_MESSAGE:
+                continue
+            if self.writer is not None:
+                self.writer.join()  # ends when the queue is empty, or when the socket is shut down
+            if self.closing_since is not None:
+                break
+            self.send_frame(Header.encode_header(False, opcode, b'', len(pending), 0) + pending, part=True)
+            opcode, pending = 0, b''  # continuation frames from here on
+            gevent.sleep(0)  # a long init never holds up the other sockets
+        held, self.held = self.held, None
+        self.send_frame(Header.encode_header(True, opcode, b'', len(pending), 0) + pending)
+        self.unsent -= sum(map(len, held))
+        for data in held:
+            self.send_frame(data)
 
     def close(self, code, reason=''):
         """Send a close frame with its code; the socket is shut down when the peer answers or after a second."""
@@ -1527,7 +1588,7 @@ class Peer:
                 raise CloseConnection(CLOSE_PROTOCOL, str(error)[:100]) from None
             if header.flags or not header.mask:
                 raise CloseConnection(CLOSE_PROTOCOL, 'frames must be masked, without extensions')
-            size += header.length
+            size += header.length if header.opcode in (OP_TEXT, OP_BINARY, 0) else 0  # pings never add up
             if size > MAX_MESSAGE:
                 raise CloseConnection(CLOSE_TOO_BIG, 'message over 64 KiB')
             payload = stream.read(header.length) if header.length else b''
@@ -1642,6 +1703,9 @@ class Hub:
             if peer.closing_since is not None:
                 if now_mono - peer.closing_since > 1:
                     peer.shutdown()
+            elif peer.queue and now_mono - peer.progress_at > WS_STALL_SECONDS:  # pongs are no progress
+                log.info('socket closed after 30 s without reading family=%s', peer.family_id)
+                peer.too_slow()
             elif peer.expires_at is not None and peer.expires_at <= now_wall:
                 peer.close(CLOSE_REVOKED, 'link expired')
             elif now_mono - peer.last_heard > 3 * WS_PING_INTERVAL:
@@ -1748,15 +1812,18 @@ def serve_socket(ws, link, since):
     family_id = peer.family_id
     log.info('socket open family=%s', family_id)
     try:
-        members = hub.members(family_id)
-        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': family_cursor(family_id),
+        if check_link(peer.token)[1]:  # revoked or archived while the handshake was in flight
+            peer.close(CLOSE_REVOKED, 'link revoked')
+        members, cursor = hub.members(family_id), family_cursor(family_id)
+        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': cursor,
                            'plan': get_plan(family_id), 'notes': list_notes(family_id, now_ms() - 60 * DAY_MS)},
                           separators=(',', ':'))
-        peer.send(f'{{"type":"init","entries":{entries_json(family_id, since)},{rest[1:]}')
         presence = json.dumps({'type': 'presence', 'members': members})
         for other in hub.peers(family_id):
             if other is not peer:
                 other.send(presence)
+        entries = entries_json(family_id, since, cursor)  # read page by page while the init goes out
+        peer.send_parts(chain(['{"type":"init","entries":['], entries, [f'],{rest[1:]}']))
         while True:
             try:
                 text = peer.receive()
@@ -1896,6 +1963,14 @@ def page(name, **values):
                            username=session['username'] if session else None, **values)
 
 
+def redirect(path, code=303):
+    """bottle.redirect with a relative Location: never built from Host or X-Forwarded-Host."""
+    answer = response.copy(cls=bottle.HTTPResponse)
+    answer.status, answer.body = code, ''
+    answer.set_header('Location', path)
+    raise answer
+
+
 def error_handler(error):
     """Answer every error as JSON or a small page; never a traceback."""
     if storage_error(error.exception):  # disk full, read-only, I/O error: nothing was saved
@@ -1932,6 +2007,8 @@ def after_request():
         response.set_header(name, value)
     if request.path.startswith('/admin'):
         response.set_header('Cache-Control', 'no-store')
+    if SECURE_COOKIES:  # BASE_URL is https
+        response.set_header('Strict-Transport-Security', 'max-age=31536000')
 
 
 def admin_required(callback):
@@ -1942,7 +2019,7 @@ def admin_required(callback):
         if wants_json():
             bottle.abort(401, 'Log in first.')
         if request.method != 'GET':
-            bottle.redirect('/admin', 303)
+            redirect('/admin', 303)
         return page('login', error=None, username_value='')
     return wrapper
 
@@ -1983,12 +2060,12 @@ def link_open(token):
     max_age = (link['expires_at'] - now_ms()) // 1000 if link['expires_at'] else 400 * 86400
     response.set_cookie(LINK_COOKIE, token, path='/', httponly=True, samesite='lax',
                         secure=SECURE_COOKIES, max_age=max_age)
-    bottle.redirect('/app/', 303)
+    redirect('/app/', 303)
 
 
 @app.get('/app')
 def app_redirect():
-    bottle.redirect('/app/', 301)
+    redirect('/app/', 301)
 
 
 @app.get('/app/')
@@ -2040,6 +2117,8 @@ def ws_link(environ):
     since = req.query.get('since', '0')
     if not since.isdigit() or len(since) > 18:
         return None, (400, 'since must be a whole number.')
+    if sum(peer.token == link['token'] for peer in hub.peers(link['family_id'])) >= WS_SOCKETS_PER_LINK:
+        return None, (429, f'This link is open on {WS_SOCKETS_PER_LINK} devices already. Close one and try again.')
     return link, None
 
 
@@ -2057,7 +2136,8 @@ def ws_sync():
     """The sync socket (see the Hub chapter); refused handshakes answer plain HTTP."""
     ws, link = request.environ.get('wsgi.websocket'), request.environ.get('babytrackd.link')
     if ws is None or link is None:
-        bottle.abort(*request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.'))
+        status, message = request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.')
+        raise bottle.HTTPError(status, message, **({'Retry-After': '30'} if status == 429 else {}))
     serve_socket(ws, link, int(request.query.get('since', '0')))
     return ''
 
@@ -2095,7 +2175,7 @@ def admin_login():
     response.set_cookie(ADMIN_COOKIE, create_session(admin['id']), path='/admin', httponly=True,
                         samesite='strict', secure=SECURE_COOKIES, max_age=SESSION_DAYS * 86400)
     if is_form:
-        bottle.redirect('/admin', 303)
+        redirect('/admin', 303)
     return {'ok': True}
 
 
@@ -2108,7 +2188,7 @@ def admin_logout():
     response.delete_cookie(ADMIN_COOKIE, path='/admin')
     if wants_json():
         return {'ok': True}
-    bottle.redirect('/admin', 303)
+    redirect('/admin', 303)
 
 
 def family_today(family, now):
@@ -2141,7 +2221,7 @@ def admin_dashboard(error=None, typed=None):
 def admin_families_list():
     """List families with today's totals."""
     if not wants_json():
-        bottle.redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
+        redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
     now, families = now_ms(), list_families(request.query.get('archived') == '1')
     flags = family_flags(families, now)
     return {'families': [dict(f, today=family_today(f, now)['totals'], flags=[code for code, _ in flags.get(f['id'], [])])
@@ -2213,7 +2293,7 @@ def admin_notes_list(family_id):
     """The family's coaching notes, newest first."""
     family_or_404(family_id)
     if not wants_json():
-        bottle.redirect(f'/admin/families/{family_id}#notes', 303)
+        redirect(f'/admin/families/{family_id}#notes', 303)
     return {'notes': list_notes(family_id)}
 
 
@@ -2425,7 +2505,7 @@ def admin_family_add():
     except Invalid as error:
         response.status = 400
         return admin_dashboard(str(error), data)
-    bottle.redirect(f"/admin/families/{family['id']}", 303)
+    redirect(f"/admin/families/{family['id']}", 303)
 
 
 def family_form(family_id, section, act):
@@ -2438,7 +2518,7 @@ def family_form(family_id, section, act):
     except Invalid as error:
         response.status = 400
         return page('family', **family_page(family, None, {section: str(error)}, data))
-    bottle.redirect(f'/admin/families/{family_id}#{section}', 303)
+    redirect(f'/admin/families/{family_id}#{section}', 303)
 
 
 @app.post('/admin/families/<family_id>/edit')
@@ -2554,8 +2634,8 @@ def admin_family_export(family_id, kind):
     out = io.StringIO()
     writer = csv.DictWriter(out, ['id', 'time', 'ts', 'type', 'value', 'by', 'updated_at', 'seq'], extrasaction='ignore')
     writer.writeheader()
-    for entry in entries:  # a text starting with = + - @ would run as a formula in a spreadsheet
-        writer.writerow({key: f"'{text}" if key in ('type', 'value', 'by') and str(text)[:1] in tuple('=+-@\t\r')
+    for entry in entries:  # a text starting with = + - @ would run as a formula in a spreadsheet (ids may start with -)
+        writer.writerow({key: f"'{text}" if isinstance(text, str) and text[:1] in tuple('=+-@\t\r')
                          else text for key, text in entry.items()})
     response.content_type = 'text/csv; charset=utf-8'
     return out.getvalue()
@@ -2601,7 +2681,7 @@ def admin_entry_restore(family_id, entry_id):
     if sends_json():
         return {'entry': entry}
     back = 'deleted' if data.get('back') == 'deleted' else f'entries/{entry_id}/history'
-    bottle.redirect(f'/admin/families/{family_id}/{back}', 303)
+    redirect(f'/admin/families/{family_id}/{back}', 303)
 
 
 @app.get('/admin/families/<family_id>/deleted')
@@ -2890,13 +2970,99 @@ def swap_in_restore(path):
     return True
 
 
+class Refused(ValueError):
+    """A request refused before its body is read: `answer` is the whole HTTP response."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        body = json.dumps({'error': message}).encode()
+        head = (f'HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n'
+                'Connection: close\r\n\r\n')
+        self.status, self.answer = status[:3], head.encode() + body
+
+
+class HeadReader:
+    """Reads a request's headers for http.client, refusing them past `budget` bytes in all (431)."""
+
+    def __init__(self, rfile, budget):
+        self.rfile, self.budget = rfile, budget
+
+    def readline(self, limit=-1):
+        line = self.rfile.readline(self.budget + 1)
+        self.budget -= len(line)
+        if self.budget < 0:
+            raise Refused('431 Request Header Fields Too Large', 'Request line and headers are over 16 KiB.')
+        return line
+
+
 class Handler(WebSocketHandler):
-    """gevent-websocket's handler with TCP_NODELAY: pywsgi writes headers and body separately,
-    and without it each response waits ~40 ms for the client's delayed ACK."""
+    """gevent-websocket's handler, hardened. TCP_NODELAY: pywsgi writes headers and body separately,
+    and without it each response waits ~40 ms for the client's delayed ACK. A connection past the cap
+    is answered 503 at once. A request's line and headers get 10 s and 16 KiB, a keep-alive connection
+    60 s to begin the next request; neither deadline runs while the application (or a WebSocket) does.
+    Transfer-Encoding is refused (411) before any body is read: our bodies are small and sized."""
 
     def handle(self):
+        if len(self.server.pool) > self.server.max_connections:
+            try:
+                self.socket.sendall(Refused('503 Service Unavailable', 'Too many connections; try again soon.').answer)
+            except OSError:
+                pass
+            self.rfile.close()
+            return
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().handle()
+
+    def handle_one_request(self):
+        if self.requestline is not None:  # a request was served: wait for the next one to begin
+            began = b''
+            with gevent.Timeout(IDLE_SECONDS, False):
+                try:
+                    began = self.rfile.peek(1)
+                except OSError:
+                    pass
+            if not began:
+                return None
+        self.deadline = gevent.Timeout.start_new(HEAD_SECONDS, socket.timeout('request head too slow'))
+        try:
+            return super().handle_one_request()
+        finally:
+            self.deadline.close()
+
+    def MessageClass(self, fp, *args):
+        return super().MessageClass(HeadReader(fp, HEAD_MAX - len(self.requestline)), *args)
+
+    def read_request(self, raw_requestline):
+        try:
+            super().read_request(raw_requestline)
+        finally:
+            self.deadline.close()
+        if 'Transfer-Encoding' in self.headers:
+            raise Refused('411 Length Required', 'Send a Content-Length; Transfer-Encoding is not accepted.')
+        return True
+
+    def _handle_client_error(self, error):
+        """gevent's hook for a request it cannot read: our refusals answer for themselves."""
+        if isinstance(error, socket.timeout):
+            error = Refused('408 Request Timeout', 'The request line and headers took over 10 s.')
+        elif isinstance(error, http.client.HTTPException):  # more than 100 headers
+            error = Refused('431 Request Header Fields Too Large', 'Too many headers.')
+        if isinstance(error, Refused):
+            return error.status, error.answer
+        return super()._handle_client_error(error)
+
+
+def file_descriptors_for(connections):
+    """Raise the open-files limit to fit `connections` (and the database's files); return the
+    connection cap it allows, so the process never runs out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 64
+    if soft < wanted and (hard == resource.RLIM_INFINITY or soft < hard):
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < wanted:
+        log.warning('at most %s connections: the open-files limit is %s', soft - 64, soft)
+    return min(connections, soft - 64)
 
 
 def on_this_machine(host):
@@ -2928,8 +3094,10 @@ def announce():
 
 def serve(host=HOST, port=PORT):
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    server = WSGIServer((host, port), logged(app), handler_class=Handler, log=None, error_log=log)
+    server = WSGIServer((host, port), logged(app), handler_class=Handler, log=None, error_log=log,
+                        spawn=gevent.pool.Pool())  # unbounded: Handler refuses past the cap at once
     server.pre_start_hook = pre_start_hook
+    server.max_connections = file_descriptors_for(MAX_CONNECTIONS)
     stopping = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)

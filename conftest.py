@@ -196,7 +196,7 @@ class Device:
 
 @pytest.fixture
 def server(tmp_path):
-    running = Server(tmp_path)
+    running = Server(tmp_path, WS_WRITE_BURST=100_000)  # some tests send thousands; test_budgets starts its own
     yield running
     running.stop()
 

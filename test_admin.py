@@ -599,12 +599,12 @@ def test_export_csv(jane, exported):
     assert answer.headers['Content-Disposition'] == f"attachment; filename=\"babytrack-{family['id']}.csv\""
     rows = list(csv.DictReader(io.StringIO(answer.text)))
     assert list(rows[0]) == ['id', 'time', 'ts', 'type', 'value', 'by', 'updated_at', 'seq']
-    assert [r['id'] for r in rows] == [ids[1], ids[0], ids[2], ids[3]]  # oldest first; the deleted one left out
+    assert [r['id'] for r in rows] == [ids[1], ids[0], ids[2], "'" + ids[3]]  # oldest first; the deleted one left out
     assert [r['time'] for r in rows] == ['2026-10-03T20:00:00+10:00', '2026-10-04T06:00:00+11:00',
                                          '2026-10-04T07:00:00+11:00', '2026-10-04T09:00:00+11:00']
     assert rows[0]['ts'] == str(at('2026-10-03 20:00', SYDNEY)) and rows[0]['by'] == 'Dad'
     assert rows[2]['value'] == '\'=HYPERLINK("http://x")'  # never run as a formula by a spreadsheet
-    assert (rows[3]['value'], rows[3]['by']) == ('', '')  # the id keeps its dash; nothing else is touched
+    assert (rows[3]['value'], rows[3]['by']) == ('', '')  # a leading dash is a formula too (CONTRACT section 13)
 
 
 def test_export_json(bt, jane, exported):

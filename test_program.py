@@ -252,7 +252,7 @@ def test_parents_notes_show_on_the_day_grid_and_never_count(bt, jane, clock):
     # a note count is there, beside the other categories, which it leaves alone
     assert after['categories'] == dict(before['categories'], note={'count': 2})
     page = family_page(jane, family)
-    notes = page.html.select('table.grid .event.t-note')
+    notes = page.html.select('table.grid .event[data-type="note"]')
     assert [n.get_text(' ', strip=True) for n in notes] == ['01:10 Calpol 1 am · Dad', '10:30 teething · Mum']
     assert notes[0]['title'] == 'note from the family: history'
     assert 'note' not in [term.get_text() for term in page.html.select('#day .totals dt')]
@@ -502,8 +502,8 @@ def test_plan_notes_and_button_editor_in_chromium(server, admin, browser, width)
     assert page.is_visible('#config textarea[name=config]')
 
     page.goto(f"{server.base_url}/admin/families/{family['id']}")
-    assert page.locator('table.grid .event.t-note').count() == 1
-    assert page.evaluate('getComputedStyle(document.querySelector(".event.t-note")).fontStyle') == 'italic'
+    assert page.locator('table.grid .event[data-type="note"]').count() == 1
+    assert page.evaluate('getComputedStyle(document.querySelector(".event[data-type=note]")).fontStyle') == 'italic'
     assert page.evaluate('document.documentElement.scrollWidth') <= width, 'the family page is wider than the window'
     page.screenshot(path=f'{SHOTS}/program-family-{width}.png', full_page=True)
     for part in ('day', 'chart', 'plan', 'notes'):

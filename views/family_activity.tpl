@@ -10,7 +10,7 @@
 % for change in changes:
 <tr class="{{'deleted' if change['deleted'] else 'live'}}">
   <td>{{when(change['updated_at'])}}</td>
-  <td><a class="event t-{{change['type']}}" title="{{change['type']}}: history" href="/admin/families/{{family['id']}}/entries/{{change['id']}}/history">{{change['value']}}</a> <small class="muted">at {{when(change['ts'])}}</small>
+  <td><a class="event" data-type="{{change['type']}}" title="{{change['type']}}: history" href="/admin/families/{{family['id']}}/entries/{{change['id']}}/history">{{change['value']}}</a> <small class="muted">at {{when(change['ts'])}}</small>
 % if change['deleted']:
     <span class="badge">deleted</span>
 % end

@@ -45,7 +45,7 @@
   </svg></td>
   <td class="events">
 % for entry in hour['events']:
-    <a class="event t-{{entry['type']}}" title="{{'note from the family' if entry['type'] == 'note' else entry['type']}}: history" href="/admin/families/{{family['id']}}/entries/{{entry['id']}}/history"><time>{{clock(entry['ts'])}}</time> {{entry['value']}}
+    <a class="event" data-type="{{entry['type']}}" title="{{'note from the family' if entry['type'] == 'note' else entry['type']}}: history" href="/admin/families/{{family['id']}}/entries/{{entry['id']}}/history"><time>{{clock(entry['ts'])}}</time> {{entry['value']}}
 % if entry['by']:
       <small>· {{entry['by']}}</small>
 % end

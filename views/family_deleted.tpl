@@ -18,7 +18,7 @@
 % for entry in entries:
 <tr>
   <td>{{when(entry['updated_at'])}}</td>
-  <td><a class="event {{'t-' + entry['type'] if entry['type'] in ('sleep', 'feed', 'nappy') else ''}}" href="/admin/families/{{family['id']}}/entries/{{entry['id']}}/history">{{entry['value']}}</a>
+  <td><a class="event" data-type="{{entry['type']}}" href="/admin/families/{{family['id']}}/entries/{{entry['id']}}/history">{{entry['value']}}</a>
     <small class="muted">at {{when(entry['ts'])}}</small></td>
   <td>{{entry['by'] or '—'}}</td>
   <td>

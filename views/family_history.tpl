@@ -14,7 +14,7 @@
 <ol class="versions">
 % for change in changes:
 <li class="card{{' deleted' if change['deleted'] else ''}}">
-  <p class="version-head"><span class="event {{'t-' + change['type'] if change['type'] in ('sleep', 'feed', 'nappy') else ''}}">{{change['type']}}: {{change['value']}}</span>
+  <p class="version-head"><span class="event" data-type="{{change['type']}}">{{change['type']}}: {{change['value']}}</span>
     <span class="muted">at {{when(change['ts'])}}</span>
 % if change['deleted']:
     <span class="badge">deleted</span>
