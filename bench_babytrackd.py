@@ -300,13 +300,13 @@ class Floor:
         self.proc.wait()
 
 
-def broadcast_ms(sender, arrivals, key):
+def broadcast_ms(sender, arrivals, key, timeout=10):
     """Milliseconds from one device's write to its arrival on all 5 devices of its family."""
     now = int(time.time() * 1000)
     started = time.perf_counter()
     sender.send(json.dumps({'type': 'entry', 'action': 'add', 'entry': {
         'id': key, 'ts': now, 'type': 'feed', 'value': 'bottle', 'updated_at': now}}))
-    return (max(arrivals.wait_for(key, 5)) - started) * 1000
+    return (max(arrivals.wait_for(key, 5, timeout)) - started) * 1000
 
 
 def phase(text):
@@ -557,7 +557,7 @@ def run_practice(args):
                 reloads.append((time.perf_counter() - started) * 1000)
         reloader = gevent.spawn(reload)
         gevent.sleep(0.2)
-        loaded = [broadcast_ms(devices[n % 5], arrivals, f'r{n}') for n in range(samples)]
+        loaded = [broadcast_ms(devices[n % 5], arrivals, f'r{n}', timeout=60) for n in range(samples)]
         reloading = False
         reloader.join()
         for device in devices:
