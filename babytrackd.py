@@ -45,6 +45,7 @@ import functools
 import gc
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -228,6 +229,12 @@ MIGRATIONS = [
       at INTEGER NOT NULL
     );
     CREATE INDEX idx_login_failures ON login_failures(address, at);
+    """,
+    # 3: spans seek each category's entries (and the state carried into a window) directly; the
+    # families list's last activity is MAX(updated_at) per family, which reads every entry without it.
+    """
+    CREATE INDEX idx_entries_type ON entries(family_id, type, ts);
+    CREATE INDEX idx_entries_updated ON entries(family_id, updated_at);
     """,
 ]
 
@@ -674,30 +681,45 @@ def local_today(tz, now=None):
     return local_time(now_ms() if now is None else now, tz).date()
 
 
+def counted_labels(config):
+    """Return {category: labels whose time counts} for the config's stateful categories."""
+    return {group['category']: {b['label'] for b in group['buttons'] if b.get('counted')}
+            for group in config if group.get('stateful')}
+
+
+def spans_between(windows):
+    """Return the states inside each window (family_id, category, start, stop), in window order, as
+    (family_id, category, label, since, start, end); `since` is when the state began, before `start`
+    for the one that carries in. A state lasts until the next entry of its category."""
+    if not windows:
+        return []
+    # Pairing each change with the next in Python costs a tenth of SQLite's LEAD() (measured: readme-perf.md).
+    found = db.execute(f"""
+        WITH windows(n, family_id, type, start, stop) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(windows))})
+        SELECT w.n, w.family_id, w.type, e.value, e.ts, w.start, w.stop FROM windows w
+        JOIN entries e ON e.family_id = w.family_id AND e.type = w.type AND NOT e.deleted AND e.ts < w.stop
+          AND e.ts >= COALESCE((SELECT ts FROM entries p WHERE p.family_id = w.family_id AND p.type = w.type
+                                AND NOT p.deleted AND p.ts < w.start ORDER BY ts DESC LIMIT 1), w.start)
+        ORDER BY w.n, e.ts, e.id""", [value for n, window in enumerate(windows) for value in (n, *window)]).fetchall()
+    spans = []
+    for (n, family_id, category, label, since, start, stop), following in zip(found, found[1:] + [(None,) * 7]):
+        begin, finish = max(since, start), following[4] if following[0] == n else stop
+        if finish > begin:
+            spans.append((family_id, category, label, since, begin, finish))
+    return spans
+
+
 def state_spans(family_id, config, start, end, now):
     """Return the stateful categories' spans clipped to [start, min(end, now)).
 
     Each span: {category, label, start, end, since, counted}; `since` is when the state began,
     before `start` for the one that carries in. A state lasts until the next entry of its category.
     """
-    stop = min(end, now)
-    spans = []
-    for group in config:
-        if not group.get('stateful'):
-            continue
-        category = group['category']
-        counted = {b['label'] for b in group['buttons'] if b.get('counted')}
-        before = db.execute("""SELECT ts, value FROM entries WHERE family_id = ? AND type = ? AND NOT deleted
-                               AND ts < ? ORDER BY ts DESC, id DESC LIMIT 1""", (family_id, category, start)).fetchall()
-        inside = db.execute("""SELECT ts, value FROM entries WHERE family_id = ? AND type = ? AND NOT deleted
-                               AND ts >= ? AND ts < ? ORDER BY ts, id""", (family_id, category, start, stop)).fetchall()
-        changes = before + inside
-        for (ts, value), following in zip(changes, changes[1:] + [(stop, None)]):
-            begin, finish = max(ts, start), min(following[0], stop)
-            if finish > begin:
-                spans.append({'category': category, 'label': value, 'start': begin, 'end': finish,
-                              'since': ts, 'counted': value in counted})
-    return spans
+    counted = counted_labels(config)
+    return [{'category': category, 'label': label, 'start': begin, 'end': finish, 'since': since,
+             'counted': label in counted[category]}
+            for _, category, label, since, begin, finish
+            in spans_between([(family_id, category, start, min(end, now)) for category in counted])]
 
 
 def day_summary(family, date, now=None):
@@ -708,25 +730,56 @@ def day_summary(family, date, now=None):
     config = get_config(family['id'])
     hours = [{'hour': local_time(slot, tz).hour, 'start': slot, 'events': []}
              for slot in range(start, end, 3600 * 1000)]
-    day_entries = [entry_dict(r) for r in db.execute(
-        'SELECT * FROM entries WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id',
-        (family['id'], start, end))]
     categories = {group['category']: {'count': 0} for group in config}
-    for entry in day_entries:
-        hours[(entry['ts'] - start) // (3600 * 1000)]['events'].append(entry)
-        categories.setdefault(entry['type'], {'count': 0})['count'] += 1
+    wet = dirty = 0
+    for entry_id, ts, kind, value, updated_at, seq, by in db.execute("""
+            SELECT id, ts, type, value, updated_at, seq, by FROM entries
+            WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id""", (family['id'], start, end)):
+        hours[(ts - start) // (3600 * 1000)]['events'].append({'id': entry_id, 'ts': ts, 'type': kind, 'value': value,
+                                                               'deleted': False, 'updated_at': updated_at, 'seq': seq,
+                                                               'by': by})
+        categories.setdefault(kind, {'count': 0})['count'] += 1
+        if kind == 'nappy':
+            wet, dirty = wet + ('wet' in value.lower()), dirty + ('dirty' in value.lower())
     spans = state_spans(family['id'], config, start, end, now)
-    for group in config:
-        if group.get('stateful'):
-            counted_ms = sum(s['end'] - s['start'] for s in spans if s['category'] == group['category'] and s['counted'])
-            categories[group['category']]['minutes'] = round(counted_ms / 60000)
-    nappies = [e['value'].lower() for e in day_entries if e['type'] == 'nappy']
+    for category in counted_labels(config):
+        categories[category]['minutes'] = round(sum(s['end'] - s['start'] for s in spans
+                                                    if s['category'] == category and s['counted']) / 60000)
     totals = {'sleep_minutes': categories.get('sleep', {}).get('minutes', 0),
-              'feeds': sum(1 for e in day_entries if e['type'] == 'feed'),
-              'wet': sum(1 for v in nappies if 'wet' in v),
-              'dirty': sum(1 for v in nappies if 'dirty' in v)}
+              'feeds': categories.get('feed', {}).get('count', 0), 'wet': wet, 'dirty': dirty}
     return {'date': date.isoformat(), 'tz': tz, 'hours': hours, 'totals': totals,
             'categories': categories, 'spans': spans}
+
+
+def families_today(families, now):
+    """Return {family_id: {totals, states: [(label, since) still open]}} for today in each family's
+    zone, from one span query and one count query for them all."""
+    if not families:
+        return {}
+    configs = dict(db.execute('SELECT family_id, data FROM configs').fetchall())
+    counted = {f['id']: counted_labels(json.loads(configs.get(f['id'], 'null')) or DEFAULT_CONFIG) for f in families}
+    zones = {tz: day_window(local_today(tz, now), tz) for tz in {f['tz'] for f in families}}
+    days = {f['id']: zones[f['tz']] for f in families}
+    today = {family_id: {'states': [], 'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}}
+             for family_id in days}
+    for family_id, category, label, since, begin, finish in spans_between(
+            [(family_id, category, start, now) for family_id, (start, end) in days.items() for category in counted[family_id]]):
+        if category == 'sleep' and label in counted[family_id][category]:
+            today[family_id]['totals']['sleep_minutes'] += finish - begin
+        if finish == now:
+            today[family_id]['states'].append((label, since))
+    gevent.sleep(0)  # two slices of a few ms each: the parents' messages go in between
+    for family_id, feeds, wet, dirty in db.execute(f"""
+            WITH days(family_id, start, stop) AS (VALUES {', '.join(['(?, ?, ?)'] * len(days))})
+            SELECT d.family_id, SUM(e.type = 'feed'), SUM(e.type = 'nappy' AND e.value LIKE '%wet%'),
+                   SUM(e.type = 'nappy' AND e.value LIKE '%dirty%')
+            FROM days d JOIN entries e ON e.family_id = d.family_id AND e.type IN ('feed', 'nappy')
+              AND e.ts >= d.start AND e.ts < d.stop AND NOT e.deleted
+            GROUP BY d.family_id""", [value for family_id, window in days.items() for value in (family_id, *window)]):
+        today[family_id]['totals'].update(feeds=feeds, wet=wet, dirty=dirty)
+    for day in today.values():
+        day['totals']['sleep_minutes'] = round(day['totals']['sleep_minutes'] / 60000)
+    return today
 
 
 def clock_minutes(ms, start, tz):
@@ -737,15 +790,21 @@ def clock_minutes(ms, start, tz):
 
 def sleep_chart(family, last, now=None, days=14):
     """Return the `days` local days up to date `last`: each day's sleep spans and feeds on the wall clock."""
+    now, tz = now_ms() if now is None else now, family['tz']
+    dates = [last - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
+    windows = [day_window(date, tz) for date in dates]
+    first, end = windows[0][0], windows[-1][1]
+    sleeps = [(s['start'], s['end']) for s in state_spans(family['id'], get_config(family['id']), first, end, now)
+              if s['category'] == 'sleep' and s['counted']]
+    feeds = [ts for (ts,) in db.execute("""SELECT ts FROM entries WHERE family_id = ? AND type = 'feed' AND NOT deleted
+                                           AND ts >= ? AND ts < ? ORDER BY ts""", (family['id'], first, end))]
     chart = []
-    for back in range(days - 1, -1, -1):
-        date = last - dt.timedelta(days=back)
-        summary = day_summary(family, date, now)
-        start, clock = summary['hours'][0]['start'], lambda ms: clock_minutes(ms, start, family['tz'])
-        chart.append({'date': date, 'minutes': summary['totals']['sleep_minutes'],
-                      'sleep': [(clock(s['start']), max(0, clock(s['end']) - clock(s['start'])))
-                                for s in summary['spans'] if s['category'] == 'sleep' and s['counted']],
-                      'feeds': [clock(e['ts']) for hour in summary['hours'] for e in hour['events'] if e['type'] == 'feed']})
+    for date, (start, stop) in zip(dates, windows):
+        clock = lambda ms: clock_minutes(ms, start, tz)
+        inside = [(max(begin, start), min(finish, stop)) for begin, finish in sleeps if begin < stop and finish > start]
+        chart.append({'date': date, 'minutes': round(sum(finish - begin for begin, finish in inside) / 60000),
+                      'sleep': [(clock(begin), max(0, clock(finish) - clock(begin))) for begin, finish in inside],
+                      'feeds': [clock(ts) for ts in feeds if start <= ts < stop]})
     return chart
 
 
@@ -1552,23 +1611,18 @@ def admin_logout():
     bottle.redirect('/admin', 303)
 
 
-def family_today(family, now):
-    """Return the family's summary of today, in its own time zone."""
-    return day_summary(family, local_today(family['tz'], now), now)
-
-
 @app.get('/admin')
 @admin_required
 def admin_dashboard(error=None, typed=None):
     """The consultant's dashboard (shown again by the Add client form with its mistake and what was typed)."""
     show_archived, now = request.query.get('archived') == '1', now_ms()
-    families = []
-    for family in list_families(show_archived):
-        today = family_today(family, now)
-        families.append(dict(family, today=today['totals'],
-                             seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
-                             states=[f"{s['label']} since {when(s['since'], family['tz'], now)}"
-                                     for s in today['spans'] if s['end'] == now]))
+    families = list_families(show_archived)
+    today = families_today(families, now)
+    families = [dict(family, today=today[family['id']]['totals'],
+                     seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
+                     states=[f"{label} since {when(since, family['tz'], now)}"
+                             for label, since in today[family['id']]['states']])
+                for family in families]
     form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
     return page('dashboard', families=families, show_archived=show_archived, hm=hm, zones=time_zones(),
                 error=error, form=form)
@@ -1580,9 +1634,9 @@ def admin_families_list():
     """List families with today's totals."""
     if not wants_json():
         bottle.redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
-    now = now_ms()
-    return {'families': [dict(f, today=family_today(f, now)['totals'])
-                         for f in list_families(request.query.get('archived') == '1')]}
+    families = list_families(request.query.get('archived') == '1')
+    today = families_today(families, now_ms())
+    return {'families': [dict(f, today=today[f['id']]['totals']) for f in families]}
 
 
 @app.post('/admin/families')
@@ -1777,25 +1831,46 @@ def admin_config_form(family_id):
     return family_form(family_id, 'config', store)
 
 
+def export_slices(family_id, size=1000):
+    """Yield the family's live entries, oldest first, `size` rows at a time from one snapshot, serving
+    others between slices; the snapshot is a connection of its own, so no statement stays open on the
+    shared one across a yield."""
+    reader = sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])
+    try:
+        found = reader.execute("""SELECT id, ts, type, value, updated_at, seq, by FROM entries
+                                  WHERE family_id = ? AND NOT deleted ORDER BY ts, id DESC""", (family_id,))
+        while part := found.fetchmany(size):
+            yield part
+            gevent.sleep(0)
+    finally:
+        reader.close()
+
+
 @app.get('/admin/families/<family_id>/export.<kind:re:csv|json>')
 @admin_required
 def admin_family_export(family_id, kind):
-    """The family's live entries, oldest first: stable ids, ISO times in the family's zone and raw ms."""
+    """The family's live entries, oldest first: stable ids, ISO times in the family's zone and raw ms (streamed)."""
     family = family_or_404(family_id)
-    entries = [dict(e, time=local_time(e['ts'], family['tz']).isoformat(timespec='seconds'))
-               for e in reversed(live_entries(family_id))]
+    stamp = lambda ts: local_time(ts, family['tz']).isoformat(timespec='seconds')
     response.set_header('Content-Disposition', f'attachment; filename="babytrack-{family_id}.{kind}"')
     if kind == 'json':
         response.content_type = 'application/json'
-        return json.dumps({'family': family, 'exported_at': now_ms(), 'entries': entries})
-    out = io.StringIO()
-    writer = csv.DictWriter(out, ['id', 'time', 'ts', 'type', 'value', 'by', 'updated_at', 'seq'], extrasaction='ignore')
-    writer.writeheader()
-    for entry in entries:  # a text starting with = + - @ would run as a formula in a spreadsheet
-        writer.writerow({key: f"'{text}" if key in ('type', 'value', 'by') and str(text)[:1] in tuple('=+-@\t\r')
-                         else text for key, text in entry.items()})
+        shape = lambda part: ','.join(json.dumps(
+            {'id': entry_id, 'ts': ts, 'time': stamp(ts), 'type': entry_type, 'value': value, 'deleted': False,
+             'updated_at': updated_at, 'seq': seq, 'by': by})
+            for entry_id, ts, entry_type, value, updated_at, seq, by in part)
+        head = json.dumps({'family': family, 'exported_at': now_ms(), 'entries': []})[:-2]  # ends '"entries": ['
+        return itertools.chain([head], (',' * bool(number) + shape(part)
+                                        for number, part in enumerate(export_slices(family_id))), [']}'])
+    safe = lambda text: f"'{text}" if str(text)[:1] in tuple('=+-@\t\r') else text  # never run as a spreadsheet formula
+
+    def lines(part):
+        out = io.StringIO()
+        csv.writer(out).writerows((entry_id, stamp(ts), ts, safe(entry_type), safe(value), safe(by), updated_at, seq)
+                                  for entry_id, ts, entry_type, value, updated_at, seq, by in part)
+        return out.getvalue()
     response.content_type = 'text/csv; charset=utf-8'
-    return out.getvalue()
+    return itertools.chain(['id,time,ts,type,value,by,updated_at,seq\r\n'], map(lines, export_slices(family_id)))
 
 
 ###############################################################################
