@@ -768,7 +768,7 @@ def families_today(families, now):
             today[family_id]['totals']['sleep_minutes'] += finish - begin
         if finish == now:
             today[family_id]['states'].append((label, since))
-    gevent.sleep(0)  # two slices of a few ms each: the parents' messages go in between
+    gevent.idle()  # two slices: the parents' messages go in between (sleep(0) would not poll their sockets)
     for family_id, feeds, wet, dirty in db.execute(f"""
             WITH days(family_id, start, stop) AS (VALUES {', '.join(['(?, ?, ?)'] * len(days))})
             SELECT d.family_id, SUM(e.type = 'feed'), SUM(e.type = 'nappy' AND e.value LIKE '%wet%'),
@@ -1624,6 +1624,7 @@ def admin_dashboard(error=None, typed=None):
                              for label, since in today[family['id']]['states']])
                 for family in families]
     form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
+    gevent.idle()  # and the page in a third slice
     return page('dashboard', families=families, show_archived=show_archived, hm=hm, zones=time_zones(),
                 error=error, form=form)
 
@@ -1831,7 +1832,7 @@ def admin_config_form(family_id):
     return family_form(family_id, 'config', store)
 
 
-def export_slices(family_id, size=1000):
+def export_slices(family_id, size=500):
     """Yield the family's live entries, oldest first, `size` rows at a time from one snapshot, serving
     others between slices; the snapshot is a connection of its own, so no statement stays open on the
     shared one across a yield."""
@@ -1841,7 +1842,7 @@ def export_slices(family_id, size=1000):
                                   WHERE family_id = ? AND NOT deleted ORDER BY ts, id DESC""", (family_id,))
         while part := found.fetchmany(size):
             yield part
-            gevent.sleep(0)
+            gevent.idle()
     finally:
         reader.close()
 
