@@ -104,10 +104,17 @@ class Server:
     def rss_kb(self):
         return rss_kb(self.proc.pid)
 
+    def cpu_seconds(self):
+        """The server process's CPU time so far (user + system)."""
+        with open(f'/proc/{self.proc.pid}/stat') as stat:
+            fields = stat.read().rsplit(')', 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
     def time_get(self, path, runs=20, accept='application/json'):
-        """Median milliseconds of `runs` GETs over one keep-alive connection."""
+        """Median milliseconds of `runs` GETs over one keep-alive connection (and in self.cpu_ms, the
+        server's CPU milliseconds per GET: on a busy machine, wall time also counts other processes)."""
         connection = http.client.HTTPConnection('127.0.0.1', self.port)
-        timings = []
+        timings, cpu = [], self.cpu_seconds()
         for _ in range(runs + 2):
             started = time.perf_counter()
             connection.request('GET', path, headers={'Cookie': self.cookie, 'Accept': accept})
@@ -115,6 +122,7 @@ class Server:
             answer.read()
             assert answer.status == 200, (path, answer.status)
             timings.append((time.perf_counter() - started) * 1000)
+        self.cpu_ms = (self.cpu_seconds() - cpu) * 1000 / len(timings)
         return statistics.median(timings[2:])
 
     def stop(self):
@@ -522,16 +530,17 @@ def run_practice(args):
     phase('writing the practice')
     started = time.perf_counter()
     families, count, dense_date = prepare_practice(db_path)
-    results = {'practice_entries': count, 'practice_families': len(families),
+    results = {'practice_entries': count, 'practice_families': len(families), 'load_average': os.getloadavg()[0],
                'practice_seconds': time.perf_counter() - started}
     server = Server(db_path, args.no_pth)
     try:
         phase('pages')
-        results['practice_dashboard_ms'] = server.time_get('/admin', accept='text/html')
-        results['practice_list_ms'] = server.time_get('/admin/families')
-        results['practice_family_page_ms'] = server.time_get(f'/admin/families/{families[1][0]}', accept='text/html')
-        results['practice_dense_summary_ms'] = server.time_get(
-            f'/admin/families/{families[0][0]}/summary?date={dense_date}')
+        for key, path, accept in (('dashboard', '/admin', 'text/html'), ('list', '/admin/families', 'application/json'),
+                                  ('family_page', f'/admin/families/{families[1][0]}', 'text/html'),
+                                  ('dense_summary', f'/admin/families/{families[0][0]}/summary?date={dense_date}',
+                                   'application/json')):
+            results[f'practice_{key}_ms'] = server.time_get(path, runs=40, accept=accept)
+            results[f'practice_{key}_cpu_ms'] = server.cpu_ms
 
         phase('broadcast p99: idle, then under a dashboard reloaded back to back')
         arrivals = Arrivals()
@@ -613,10 +622,14 @@ TARGETS = [
 
 
 PRACTICE_TARGETS = [
-    ('practice_dashboard_ms', 'dashboard HTML, 200 families (median of 20)', 'ms', '<= 20', lambda v: v <= 20),
-    ('practice_list_ms', 'GET /admin/families JSON (median of 20)', 'ms', '<= 20', lambda v: v <= 20),
+    ('practice_dashboard_ms', 'dashboard HTML, 200 families (median of 40)', 'ms', '<= 20', lambda v: v <= 20),
+    ('practice_list_ms', 'GET /admin/families JSON (median of 40)', 'ms', '<= 20', lambda v: v <= 20),
     ('practice_family_page_ms', 'family page HTML, day grid + 14-day chart', 'ms', '<= 20 (10)', lambda v: v <= 20),
     ('practice_dense_summary_ms', 'summary of the 1,000-entry day', 'ms', '<= 10', lambda v: v <= 10),
+    ('practice_dashboard_cpu_ms', 'dashboard, server CPU per request', 'ms', '', None),
+    ('practice_list_cpu_ms', 'GET /admin/families, server CPU per request', 'ms', '', None),
+    ('practice_family_page_cpu_ms', 'family page, server CPU per request', 'ms', '', None),
+    ('practice_dense_summary_cpu_ms', '1,000-entry day summary, server CPU per request', 'ms', '', None),
     ('practice_idle_p99_ms', 'broadcast p99 (send -> all 5 devices), idle', 'ms', '', None),
     ('practice_loaded_p99_ms', 'broadcast p99, dashboard reloaded back to back', 'ms', '', None),
     ('practice_p99_ratio', 'broadcast p99 loaded / idle', 'x', '<= 4', lambda v: v <= 4),
@@ -627,12 +640,14 @@ PRACTICE_TARGETS = [
 def print_practice(results, before):
     """Print the practice table: measure | before | after | target."""
     print(f"practice: {results['practice_families']} families, {results['practice_entries']:,} entries "
-          f"(written in {results['practice_seconds']:.1f} s); {results['machine']}")
+          f"(written in {results['practice_seconds']:.1f} s); {results['machine']}; load average "
+          f"{results['load_average']:.1f} at the start")
     print(f"{'measure':<50} {'before':>10} {'after':>10}  {'target':<11} ok")
     for key, label, unit, target, test in PRACTICE_TARGETS:
         then = f'{before[key]:10.2f}' if key in before else f"{'':>10}"
         verdict = '' if test is None else ('yes' if test(results[key]) else 'NO')
-        print(f'{label:<50} {then} {results[key]:10.2f}{unit:<2} {target:<11} {verdict}')
+        if key in results:
+            print(f'{label:<50} {then} {results[key]:10.2f}{unit:<2} {target:<11} {verdict}')
 
 
 def main():
