@@ -763,13 +763,14 @@ def families_today(families, now):
     days = {f['id']: zones[f['tz']] for f in families}
     today = {family_id: {'states': [], 'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}}
              for family_id in days}
+    gevent.idle()  # each query in a slice of its own, parents' messages between (sleep(0) would not poll their sockets)
     for family_id, category, label, since, begin, finish in spans_between(
             [(family_id, category, start, now) for family_id, (start, _) in days.items() for category in counted[family_id]]):
         if category == 'sleep' and label in counted[family_id][category]:
             today[family_id]['totals']['sleep_minutes'] += finish - begin
         if finish == now:
             today[family_id]['states'].append((label, since))
-    gevent.idle()  # two slices: the parents' messages go in between (sleep(0) would not poll their sockets)
+    gevent.idle()
     for family_id, feeds, wet, dirty in db.execute(f"""
             WITH days(family_id, start, stop) AS (VALUES {', '.join(['(?, ?, ?)'] * len(days))})
             SELECT d.family_id, SUM(e.type = 'feed'), SUM(e.type = 'nappy' AND e.value LIKE '%wet%'),
@@ -1619,6 +1620,7 @@ def admin_dashboard(error=None, typed=None):
     show_archived, now = request.query.get('archived') == '1', now_ms()
     families = list_families(show_archived)
     today = families_today(families, now)
+    gevent.idle()
     families = [dict(family, today=today[family['id']]['totals'],
                      seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
                      states=[f"{label} since {when(since, family['tz'], now)}"
@@ -1734,7 +1736,8 @@ def family_page(family, date_text, errors=None, typed=None):
     """Return what the family page shows for one date (a refused form: its message and what was typed)."""
     tz, now, hour_ms = family['tz'], now_ms(), 3600 * 1000
     date = parse_date(date_text, tz)
-    summary, config = day_summary(family, date, now), get_config(family['id'])
+    summary, config, chart = day_summary(family, date, now), get_config(family['id']), sleep_chart(family, date, now)
+    gevent.idle()  # the page renders in a slice of its own
     for hour in summary['hours']:  # the sleep inside each hour, as (first minute, minutes)
         begin, top = hour['start'], hour['start'] + hour_ms
         hour['sleep'] = [((max(s['start'], begin) - begin) / 60000, (min(s['end'], top) - max(s['start'], begin)) / 60000)
@@ -1743,7 +1746,7 @@ def family_page(family, date_text, errors=None, typed=None):
     form = {'name': family['name'], 'notes': family['notes'], 'tz': tz, 'label': '', 'expires': 'never',
             'expires_on': '', 'config': json.dumps(config, indent=2), **(typed or {})}
     return {'family': family, 'date': date, 'prev': date - dt.timedelta(days=1), 'next': date + dt.timedelta(days=1),
-            'summary': summary, 'chart': sleep_chart(family, date, now), 'config': config, 'form': form,
+            'summary': summary, 'chart': chart, 'config': config, 'form': form,
             'links': list_links(family['id']), 'online': {p.token for p in hub.peers(family['id'])},
             'changes': recent_changes(family['id']), 'errors': errors or {}, 'zones': time_zones(), 'now': now,
             'hm': hm, 'clock': lambda ms: f'{local_time(ms, tz):%H:%M}', 'when': lambda ms: when(ms, tz, now)}

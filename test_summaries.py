@@ -125,11 +125,16 @@ def test_a_state_carried_in_from_long_ago_and_a_category_no_longer_stateful(bt):
     write(bt, family, at('2026-09-01 19:00', family['tz']), 'sleep', 'sleeping', 'a')
     write(bt, family, at('2026-09-01 19:00', family['tz']), 'tummy', 'on', 'b')
     now = at('2026-10-04 09:00', family['tz'])
+    since = at('2026-09-01 19:00', family['tz'])
     assert bt.families_today([family], now)[family['id']] == {
-        'totals': {'sleep_minutes': 9 * 60, 'feeds': 0, 'wet': 0, 'dirty': 0}, 'states': [('sleeping', at('2026-09-01 19:00', family['tz']))]}
+        'totals': {'sleep_minutes': 9 * 60, 'feeds': 0, 'wet': 0, 'dirty': 0}, 'states': [('sleeping', since)]}
     bt.save_config(family['id'], [{'category': 'sleep', 'buttons': [{'label': 'sleeping'}]}, TUMMY])
     assert bt.families_today([family], now)[family['id']] == {
-        'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}, 'states': [('on', at('2026-09-01 19:00', family['tz']))]}
+        'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}, 'states': [('on', since)]}
+    bt.save_config(family['id'], [])  # a config with no buttons at all counts nothing, as its day summary does
+    assert bt.families_today([family], now)[family['id']] == {
+        'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}, 'states': []}
+    assert bt.day_summary(family, dt.date(2026, 10, 4), now)['totals']['sleep_minutes'] == 0
     assert bt.families_today([], now) == {}
 
 
