@@ -290,6 +290,20 @@ def rows(sql, *args):
     return [dict(r) for r in db.execute(sql, args)]
 
 
+def read_apart(sql, args):
+    """Return every row of a read-only query as tuples, run in the threadpool on a connection of its own:
+    SQLite works without the GIL while the loop goes on serving sockets."""
+    path = db.execute('PRAGMA database_list').fetchone()[2]
+
+    def run():
+        reader = sqlite3.connect(path)
+        try:
+            return reader.execute(sql, args).fetchall()
+        finally:
+            reader.close()
+    return gevent.get_hub().threadpool.apply(run)
+
+
 ###############################################################################
 # Domain #######################################################################
 ###############################################################################
@@ -694,13 +708,13 @@ def spans_between(windows):
     if not windows:
         return []
     # Pairing each change with the next here costs less than half of SQLite's LEAD() (measured: readme-perf.md).
-    found = db.execute(f"""
+    found = read_apart(f"""
         WITH windows(n, family_id, type, start, stop) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(windows))})
         SELECT w.n, w.family_id, w.type, e.value, e.ts, w.start, w.stop FROM windows w
         JOIN entries e ON e.family_id = w.family_id AND e.type = w.type AND NOT e.deleted AND e.ts < w.stop
           AND e.ts >= COALESCE((SELECT ts FROM entries p WHERE p.family_id = w.family_id AND p.type = w.type
                                 AND NOT p.deleted AND p.ts < w.start ORDER BY ts DESC LIMIT 1), w.start)
-        ORDER BY w.n, e.ts, e.id""", [value for n, window in enumerate(windows) for value in (n, *window)]).fetchall()
+        ORDER BY w.n, e.ts, e.id""", [value for n, window in enumerate(windows) for value in (n, *window)])
     spans = []
     for (n, family_id, category, label, since, start, stop), following in zip(found, found[1:] + [(None,) * 7]):
         begin, finish = max(since, start), following[4] if following[0] == n else stop
@@ -732,7 +746,7 @@ def day_summary(family, date, now=None):
              for slot in range(start, end, 3600 * 1000)]
     categories = {group['category']: {'count': 0} for group in config}
     wet = dirty = 0
-    for entry_id, ts, kind, value, updated_at, seq, by in db.execute("""
+    for entry_id, ts, kind, value, updated_at, seq, by in read_apart("""
             SELECT id, ts, type, value, updated_at, seq, by FROM entries
             WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id""", (family['id'], start, end)):
         entry = {'id': entry_id, 'ts': ts, 'type': kind, 'value': value, 'deleted': False, 'updated_at': updated_at,
@@ -771,7 +785,7 @@ def families_today(families, now):
         if finish == now:
             today[family_id]['states'].append((label, since))
     gevent.idle()
-    for family_id, feeds, wet, dirty in db.execute(f"""
+    for family_id, feeds, wet, dirty in read_apart(f"""
             WITH days(family_id, start, stop) AS (VALUES {', '.join(['(?, ?, ?)'] * len(days))})
             SELECT d.family_id, SUM(e.type = 'feed'), SUM(e.type = 'nappy' AND e.value LIKE '%wet%'),
                    SUM(e.type = 'nappy' AND e.value LIKE '%dirty%')
@@ -798,7 +812,7 @@ def sleep_chart(family, last, now=None, days=14):
     first, end = windows[0][0], windows[-1][1]
     sleeps = [(s['start'], s['end']) for s in state_spans(family['id'], get_config(family['id']), first, end, now)
               if s['category'] == 'sleep' and s['counted']]
-    feeds = [ts for (ts,) in db.execute("""SELECT ts FROM entries WHERE family_id = ? AND type = 'feed' AND NOT deleted
+    feeds = [ts for (ts,) in read_apart("""SELECT ts FROM entries WHERE family_id = ? AND type = 'feed' AND NOT deleted
                                            AND ts >= ? AND ts < ? ORDER BY ts""", (family['id'], first, end))]
     chart = []
     for date, (start, stop) in zip(dates, windows):
@@ -1836,7 +1850,7 @@ def admin_config_form(family_id):
     return family_form(family_id, 'config', store)
 
 
-def export_slices(family_id, size=500):
+def export_slices(family_id, size=250):
     """Yield the family's live entries, oldest first, `size` rows at a time from one snapshot, serving
     others between slices; the snapshot is a connection of its own, so no statement stays open on the
     shared one across a yield."""
