@@ -701,20 +701,23 @@ def counted_labels(config):
             for group in config if group.get('stateful')}
 
 
-def spans_between(windows):
+def spans_between(windows, apart=False):
     """Return the states inside each window (family_id, category, start, stop), in window order, as
     (family_id, category, label, since, start, end); `since` is when the state began, before `start`
-    for the one that carries in. A state lasts until the next entry of its category."""
+    for the one that carries in. A state lasts until the next entry of its category. `apart`: the
+    query runs off the loop (worth it for many windows, not for a few: the hand-over costs ~1 ms)."""
     if not windows:
         return []
     # Pairing each change with the next here costs less than half of SQLite's LEAD() (measured: readme-perf.md).
-    found = read_apart(f"""
+    sql = f"""
         WITH windows(n, family_id, type, start, stop) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(windows))})
         SELECT w.n, w.family_id, w.type, e.value, e.ts, w.start, w.stop FROM windows w
         JOIN entries e ON e.family_id = w.family_id AND e.type = w.type AND NOT e.deleted AND e.ts < w.stop
           AND e.ts >= COALESCE((SELECT ts FROM entries p WHERE p.family_id = w.family_id AND p.type = w.type
                                 AND NOT p.deleted AND p.ts < w.start ORDER BY ts DESC LIMIT 1), w.start)
-        ORDER BY w.n, e.ts, e.id""", [value for n, window in enumerate(windows) for value in (n, *window)])
+        ORDER BY w.n, e.ts, e.id"""
+    args = [value for n, window in enumerate(windows) for value in (n, *window)]
+    found = read_apart(sql, args) if apart else db.execute(sql, args).fetchall()
     spans = []
     for (n, family_id, category, label, since, start, stop), following in zip(found, found[1:] + [(None,) * 7]):
         begin, finish = max(since, start), following[4] if following[0] == n else stop
@@ -746,7 +749,7 @@ def day_summary(family, date, now=None):
              for slot in range(start, end, 3600 * 1000)]
     categories = {group['category']: {'count': 0} for group in config}
     wet = dirty = 0
-    for entry_id, ts, kind, value, updated_at, seq, by in read_apart("""
+    for entry_id, ts, kind, value, updated_at, seq, by in db.execute("""
             SELECT id, ts, type, value, updated_at, seq, by FROM entries
             WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id""", (family['id'], start, end)):
         entry = {'id': entry_id, 'ts': ts, 'type': kind, 'value': value, 'deleted': False, 'updated_at': updated_at,
@@ -767,7 +770,7 @@ def day_summary(family, date, now=None):
 
 def families_today(families, now):
     """Return {family_id: {totals, states: [(label, since) still open]}} for today in each family's
-    zone, from one span query and one count query for them all."""
+    zone, from one span query and one count query for them all, both run apart from the loop."""
     if not families:
         return {}
     configs = dict(db.execute('SELECT family_id, data FROM configs').fetchall())
@@ -777,14 +780,13 @@ def families_today(families, now):
     days = {f['id']: zones[f['tz']] for f in families}
     today = {family_id: {'states': [], 'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}}
              for family_id in days}
-    gevent.idle()  # each query in a slice of its own, parents' messages between (sleep(0) would not poll their sockets)
     for family_id, category, label, since, begin, finish in spans_between(
-            [(family_id, category, start, now) for family_id, (start, _) in days.items() for category in counted[family_id]]):
+            [(family_id, category, start, now) for family_id, (start, _) in days.items() for category in counted[family_id]],
+            apart=True):
         if category == 'sleep' and label in counted[family_id][category]:
             today[family_id]['totals']['sleep_minutes'] += finish - begin
         if finish == now:
             today[family_id]['states'].append((label, since))
-    gevent.idle()
     for family_id, feeds, wet, dirty in read_apart(f"""
             WITH days(family_id, start, stop) AS (VALUES {', '.join(['(?, ?, ?)'] * len(days))})
             SELECT d.family_id, SUM(e.type = 'feed'), SUM(e.type = 'nappy' AND e.value LIKE '%wet%'),
@@ -812,7 +814,7 @@ def sleep_chart(family, last, now=None, days=14):
     first, end = windows[0][0], windows[-1][1]
     sleeps = [(s['start'], s['end']) for s in state_spans(family['id'], get_config(family['id']), first, end, now)
               if s['category'] == 'sleep' and s['counted']]
-    feeds = [ts for (ts,) in read_apart("""SELECT ts FROM entries WHERE family_id = ? AND type = 'feed' AND NOT deleted
+    feeds = [ts for (ts,) in db.execute("""SELECT ts FROM entries WHERE family_id = ? AND type = 'feed' AND NOT deleted
                                            AND ts >= ? AND ts < ? ORDER BY ts""", (family['id'], first, end))]
     chart = []
     for date, (start, stop) in zip(dates, windows):
@@ -1633,15 +1635,15 @@ def admin_dashboard(error=None, typed=None):
     """The consultant's dashboard (shown again by the Add client form with its mistake and what was typed)."""
     show_archived, now = request.query.get('archived') == '1', now_ms()
     families = list_families(show_archived)
-    today = families_today(families, now)
-    gevent.idle()
+    today = families_today(families, now)  # its queries run apart: the loop serves sockets meanwhile
+    gevent.idle()  # a slice for these rows and one for the page: sleep(0) would not let sockets in
     families = [dict(family, today=today[family['id']]['totals'],
                      seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
                      states=[f"{label} since {when(since, family['tz'], now)}"
                              for label, since in today[family['id']]['states']])
                 for family in families]
     form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
-    gevent.idle()  # the page renders in a slice of its own
+    gevent.idle()
     return page('dashboard', families=families, show_archived=show_archived, hm=hm, zones=time_zones(),
                 error=error, form=form)
 
