@@ -780,9 +780,9 @@ def families_today(families, now):
     days = {f['id']: zones[f['tz']] for f in families}
     today = {family_id: {'states': [], 'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}}
              for family_id in days}
-    for family_id, category, label, since, begin, finish in spans_between(
-            [(family_id, category, start, now) for family_id, (start, _) in days.items() for category in counted[family_id]],
-            apart=True):
+    windows = [(family_id, category, start, now)
+               for family_id, (start, _) in days.items() for category in counted[family_id]]
+    for family_id, category, label, since, begin, finish in spans_between(windows, apart=True):
         if category == 'sleep' and label in counted[family_id][category]:
             today[family_id]['totals']['sleep_minutes'] += finish - begin
         if finish == now:
