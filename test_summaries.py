@@ -183,11 +183,11 @@ def test_every_summary_query_is_served_by_an_index(bt, logged_in, monkeypatch):
     monkeypatch.setattr(bt, 'now_ms', lambda: at('2026-10-05 09:30', 'UTC'))
     families, _ = practice(bt, 4)
     family = families[1]
-    sent = statements(bt, monkeypatch, lambda: [logged_in.get('/admin'),
-                                   logged_in.get('/admin/families', headers={'Accept': 'application/json'}),
-                                   logged_in.get(f"/admin/families/{family['id']}"),
-                                   logged_in.get(f"/admin/families/{family['id']}/summary?date=2026-10-03",
-                                                 headers={'Accept': 'application/json'})])
+    json = {'Accept': 'application/json'}
+    sent = statements(bt, monkeypatch, lambda: [
+        logged_in.get('/admin'), logged_in.get('/admin/families', headers=json),
+        logged_in.get(f"/admin/families/{family['id']}"),
+        logged_in.get(f"/admin/families/{family['id']}/summary?date=2026-10-03", headers=json)])
     plans = {}
     for sql, args in sent:
         if 'entries' in sql and sql.lstrip().upper().startswith(('SELECT', 'WITH')):
