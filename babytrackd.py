@@ -48,6 +48,7 @@ import hashlib
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -236,6 +237,12 @@ MIGRATIONS = [
     );
     CREATE INDEX idx_login_failures ON login_failures(address, at);
     """,
+    # 3: spans seek each category's entries (and the state carried into a window) directly; the
+    # families list's last activity is MAX(updated_at) per family, which reads every entry without it.
+    """
+    CREATE INDEX idx_entries_type ON entries(family_id, type, ts);
+    CREATE INDEX idx_entries_updated ON entries(family_id, updated_at);
+    """,
 ]
 
 
@@ -337,6 +344,21 @@ def one(sql, *args):
 def rows(sql, *args):
     """Return every row of a query as a list of dicts."""
     return [dict(r) for r in db.execute(sql, args)]
+
+
+def read_apart(sql, args):
+    """Return every row of a read-only query as tuples, run in the threadpool on a connection of its own:
+    SQLite works without the GIL while the loop goes on serving sockets."""
+    path = db.execute('PRAGMA database_list').fetchone()[2]
+
+    def run():
+        reader = sqlite3.connect(path)
+        reader.row_factory = sqlite3.Row  # tuples that can also be read by column name
+        try:
+            return reader.execute(sql, args).fetchall()
+        finally:
+            reader.close()
+    return gevent.get_hub().threadpool.apply(run)
 
 
 ###############################################################################
@@ -951,7 +973,7 @@ def export_rows(text):
             ts, updated_at = int(row['ts']), int(row.get('updated_at') or row['ts'])
         except ValueError:
             raise Invalid(f'{where}: ts and updated_at must be whole numbers of milliseconds.') from None
-        unquote = lambda text: text[1:] if text[:1] == "'" and text[1:2] in tuple('=+-@\t\r') else text  # see the export
+        unquote = lambda text: text[1:] if text[:1] == "'" and text[1:2] in tuple("=+-@\t\r'") else text  # see the export
         yield where, row['id'].strip(), {'ts': ts, 'updated_at': updated_at, 'type': unquote(row['type']),
                                          'value': unquote(row['value'])}
 
@@ -1038,30 +1060,48 @@ def local_today(tz, now=None):
     return local_time(now_ms() if now is None else now, tz).date()
 
 
+def counted_labels(config):
+    """Return {category: labels whose time counts} for the config's stateful categories."""
+    return {group['category']: {b['label'] for b in group['buttons'] if b.get('counted')}
+            for group in config if group.get('stateful')}
+
+
+def spans_between(windows, apart=False):
+    """Return the states inside each window (family_id, category, start, stop), in window order, as
+    (family_id, category, label, since, start, end); `since` is when the state began, before `start`
+    for the one that carries in. A state lasts until the next entry of its category. `apart`: the
+    query runs off the loop (worth it for many windows, not for a few: the hand-over costs ~1 ms)."""
+    if not windows:
+        return []
+    # Pairing each change with the next here costs less than half of SQLite's LEAD() (measured: readme-perf.md).
+    sql = f"""
+        WITH windows(n, family_id, type, start, stop) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(windows))})
+        SELECT w.n, w.family_id, w.type, e.value, e.ts, w.start, w.stop FROM windows w
+        JOIN entries e ON e.family_id = w.family_id AND e.type = w.type AND NOT e.deleted AND e.ts < w.stop
+          AND e.ts >= COALESCE((SELECT ts FROM entries p WHERE p.family_id = w.family_id AND p.type = w.type
+                                AND NOT p.deleted AND p.ts < w.start ORDER BY ts DESC LIMIT 1), w.start)
+        ORDER BY w.n, e.ts, e.id"""
+    args = [value for n, window in enumerate(windows) for value in (n, *window)]
+    found = read_apart(sql, args) if apart else db.execute(sql, args).fetchall()
+    spans = []
+    for (n, family_id, category, label, since, start, stop), following in zip(found, found[1:] + [(None,) * 7]):
+        begin, finish = max(since, start), following[4] if following[0] == n else stop
+        if finish > begin:
+            spans.append((family_id, category, label, since, begin, finish))
+    return spans
+
+
 def state_spans(family_id, config, start, end, now):
     """Return the stateful categories' spans clipped to [start, min(end, now)).
 
     Each span: {category, label, start, end, since, counted}; `since` is when the state began,
     before `start` for the one that carries in. A state lasts until the next entry of its category.
     """
-    stop = min(end, now)
-    spans = []
-    for group in config:
-        if not group.get('stateful'):
-            continue
-        category = group['category']
-        counted = {b['label'] for b in group['buttons'] if b.get('counted')}
-        before = db.execute("""SELECT ts, value FROM entries WHERE family_id = ? AND type = ? AND NOT deleted
-                               AND ts < ? ORDER BY ts DESC, id DESC LIMIT 1""", (family_id, category, start)).fetchall()
-        inside = db.execute("""SELECT ts, value FROM entries WHERE family_id = ? AND type = ? AND NOT deleted
-                               AND ts >= ? AND ts < ? ORDER BY ts, id""", (family_id, category, start, stop)).fetchall()
-        changes = before + inside
-        for (ts, value), following in zip(changes, changes[1:] + [(stop, None)]):
-            begin, finish = max(ts, start), min(following[0], stop)
-            if finish > begin:
-                spans.append({'category': category, 'label': value, 'start': begin, 'end': finish,
-                              'since': ts, 'counted': value in counted})
-    return spans
+    counted = counted_labels(config)
+    return [{'category': category, 'label': label, 'start': begin, 'end': finish, 'since': since,
+             'counted': label in counted[category]}
+            for _, category, label, since, begin, finish
+            in spans_between([(family_id, category, start, min(end, now)) for category in counted])]
 
 
 def day_summary(family, date, now=None):
@@ -1072,25 +1112,57 @@ def day_summary(family, date, now=None):
     config = get_config(family['id'])
     hours = [{'hour': local_time(slot, tz).hour, 'start': slot, 'events': []}
              for slot in range(start, end, 3600 * 1000)]
-    day_entries = [entry_dict(r) for r in db.execute(
-        'SELECT * FROM entries WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id',
-        (family['id'], start, end))]
     categories = {group['category']: {'count': 0} for group in config}
-    for entry in day_entries:
-        hours[(entry['ts'] - start) // (3600 * 1000)]['events'].append(entry)
-        categories.setdefault(entry['type'], {'count': 0})['count'] += 1
+    wet = dirty = 0
+    for entry_id, ts, kind, value, updated_at, seq, by in db.execute("""
+            SELECT id, ts, type, value, updated_at, seq, by FROM entries
+            WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id""", (family['id'], start, end)):
+        entry = {'id': entry_id, 'ts': ts, 'type': kind, 'value': value, 'deleted': False, 'updated_at': updated_at,
+                 'seq': seq, 'by': by}
+        hours[(ts - start) // (3600 * 1000)]['events'].append(entry)
+        categories.setdefault(kind, {'count': 0})['count'] += 1
+        if kind == 'nappy':
+            wet, dirty = wet + ('wet' in value.lower()), dirty + ('dirty' in value.lower())
     spans = state_spans(family['id'], config, start, end, now)
-    for group in config:
-        if group.get('stateful'):
-            counted_ms = sum(s['end'] - s['start'] for s in spans if s['category'] == group['category'] and s['counted'])
-            categories[group['category']]['minutes'] = round(counted_ms / 60000)
-    nappies = [e['value'].lower() for e in day_entries if e['type'] == 'nappy']
+    for category in counted_labels(config):
+        categories[category]['minutes'] = round(sum(s['end'] - s['start'] for s in spans
+                                                    if s['category'] == category and s['counted']) / 60000)
     totals = {'sleep_minutes': categories.get('sleep', {}).get('minutes', 0),
-              'feeds': sum(1 for e in day_entries if e['type'] == 'feed'),
-              'wet': sum(1 for v in nappies if 'wet' in v),
-              'dirty': sum(1 for v in nappies if 'dirty' in v)}
+              'feeds': categories.get('feed', {}).get('count', 0), 'wet': wet, 'dirty': dirty}
     return {'date': date.isoformat(), 'tz': tz, 'hours': hours, 'totals': totals,
             'categories': categories, 'spans': spans}
+
+
+def families_today(families, now):
+    """Return {family_id: {totals, states: [(label, since) still open]}} for today in each family's
+    zone, from one span query and one count query for them all, both run apart from the loop."""
+    if not families:
+        return {}
+    configs = dict(db.execute('SELECT family_id, data FROM configs').fetchall())
+    counted = {f['id']: counted_labels(json.loads(configs[f['id']]) if f['id'] in configs else DEFAULT_CONFIG)
+               for f in families}
+    zones = {tz: day_window(local_today(tz, now), tz) for tz in {f['tz'] for f in families}}
+    days = {f['id']: zones[f['tz']] for f in families}
+    today = {family_id: {'states': [], 'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}}
+             for family_id in days}
+    windows = [(family_id, category, start, now)
+               for family_id, (start, _) in days.items() for category in counted[family_id]]
+    for family_id, category, label, since, begin, finish in spans_between(windows, apart=True):
+        if category == 'sleep' and label in counted[family_id][category]:
+            today[family_id]['totals']['sleep_minutes'] += finish - begin
+        if finish == now:
+            today[family_id]['states'].append((label, since))
+    for family_id, feeds, wet, dirty in read_apart(f"""
+            WITH days(family_id, start, stop) AS (VALUES {', '.join(['(?, ?, ?)'] * len(days))})
+            SELECT d.family_id, SUM(e.type = 'feed'), SUM(e.type = 'nappy' AND e.value LIKE '%wet%'),
+                   SUM(e.type = 'nappy' AND e.value LIKE '%dirty%')
+            FROM days d JOIN entries e ON e.family_id = d.family_id AND e.type IN ('feed', 'nappy')
+              AND e.ts >= d.start AND e.ts < d.stop AND NOT e.deleted
+            GROUP BY d.family_id""", [value for family_id, window in days.items() for value in (family_id, *window)]):
+        today[family_id]['totals'].update(feeds=feeds, wet=wet, dirty=dirty)
+    for day in today.values():
+        day['totals']['sleep_minutes'] = round(day['totals']['sleep_minutes'] / 60000)
+    return today
 
 
 def clock_minutes(ms, start, tz):
@@ -1101,15 +1173,21 @@ def clock_minutes(ms, start, tz):
 
 def sleep_chart(family, last, now=None, days=14):
     """Return the `days` local days up to date `last`: each day's sleep spans and feeds on the wall clock."""
+    now, tz = now_ms() if now is None else now, family['tz']
+    dates = [last - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
+    windows = [day_window(date, tz) for date in dates]
+    first, end = windows[0][0], windows[-1][1]
+    sleeps = [(s['start'], s['end']) for s in state_spans(family['id'], get_config(family['id']), first, end, now)
+              if s['category'] == 'sleep' and s['counted']]
+    feeds = [ts for (ts,) in db.execute("""SELECT ts FROM entries WHERE family_id = ? AND type = 'feed' AND NOT deleted
+                                           AND ts >= ? AND ts < ? ORDER BY ts""", (family['id'], first, end))]
     chart = []
-    for back in range(days - 1, -1, -1):
-        date = last - dt.timedelta(days=back)
-        summary = day_summary(family, date, now)
-        start, clock = summary['hours'][0]['start'], lambda ms: clock_minutes(ms, start, family['tz'])
-        chart.append({'date': date, 'minutes': summary['totals']['sleep_minutes'],
-                      'sleep': [(clock(s['start']), max(0, clock(s['end']) - clock(s['start'])))
-                                for s in summary['spans'] if s['category'] == 'sleep' and s['counted']],
-                      'feeds': [clock(e['ts']) for hour in summary['hours'] for e in hour['events'] if e['type'] == 'feed']})
+    for date, (start, stop) in zip(dates, windows):
+        clock = lambda ms: clock_minutes(ms, start, tz)
+        inside = [(max(begin, start), min(finish, stop)) for begin, finish in sleeps if begin < stop and finish > start]
+        chart.append({'date': date, 'minutes': round(sum(finish - begin for begin, finish in inside) / 60000),
+                      'sleep': [(clock(begin), max(0, clock(finish) - clock(begin))) for begin, finish in inside],
+                      'feeds': [clock(ts) for ts in feeds if start <= ts < stop]})
     return chart
 
 
@@ -1205,7 +1283,8 @@ def night_report(family, days=14, end=None, now=None):
 
 
 def family_flags(families, now):
-    """Return {family id: [(code, words)...]}: the triage flags of the active ones (CONTRACT section 8), one query for all."""
+    """Return {family id: [(code, words)...]}: the triage flags of the active ones (README "Triage"), one query for
+    all, run apart from the loop."""
     active, windows, nights = {f['id']: f for f in families if not f['archived']}, [], {}
     for family in active.values():  # each one's last complete night, on its own clock (worked out once per clock)
         clock = (family['tz'], family['night_start'], family['night_end'])
@@ -1214,7 +1293,7 @@ def family_flags(families, now):
             nights[clock] = next(bounds[1:] for date in (yesterday, yesterday - dt.timedelta(days=1))
                                  if (bounds := night_bounds(family, date))[2] <= now)
         windows.append([family['id'], *nights[clock]])
-    found = db.execute("""
+    found = read_apart("""
         WITH windows AS MATERIALIZED (  -- each family's last complete night, and its counted sleep labels
           SELECT w.value ->> 0 AS family_id, w.value ->> 1 AS start, w.value ->> 2 AS stop,
                  CASE WHEN c.data IS NULL THEN :default_counted ELSE (
@@ -2191,27 +2270,25 @@ def admin_logout():
     redirect('/admin', 303)
 
 
-def family_today(family, now):
-    """Return the family's summary of today, in its own time zone."""
-    return day_summary(family, local_today(family['tz'], now), now)
-
-
 @app.get('/admin')
 @admin_required
 def admin_dashboard(error=None, typed=None):
     """The consultant's dashboard (shown again by the Add client form with its mistake and what was typed)."""
     show_archived, now = request.query.get('archived') == '1', now_ms()
-    families = []
-    for family in list_families(show_archived):
-        today = family_today(family, now)
-        families.append(dict(family, today=today['totals'],
-                             seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
-                             states=[f"{s['label']} since {when(s['since'], family['tz'], now)}"
-                                     for s in today['spans'] if s['end'] == now]))
-    flags = family_flags(families, now)  # flagged families first, each with its flags in words
-    families = sorted((dict(f, flags=[words for _, words in flags.get(f['id'], [])]) for f in families),
-                      key=lambda f: not f['flags'])
+    families = list_families(show_archived)
+    today = families_today(families, now)  # its queries run apart: the loop serves sockets meanwhile
+    gevent.idle()  # a slice for these rows and one for the page: sleep(0) would not let sockets in
+    flags = family_flags(families, now)
+    gevent.idle()
+    families = [dict(family, today=today[family['id']]['totals'],
+                     seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
+                     states=[f"{label} since {when(since, family['tz'], now)}"
+                             for label, since in today[family['id']]['states']],
+                     flags=[words for _, words in flags.get(family['id'], [])])
+                for family in families]
+    families.sort(key=lambda f: not f['flags'])  # flagged families first, each with its flags in words
     form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
+    gevent.idle()
     return page('dashboard', families=families, show_archived=show_archived, hm=hm, zones=time_zones(),
                 error=error, form=form)
 
@@ -2223,8 +2300,8 @@ def admin_families_list():
     if not wants_json():
         redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
     now, families = now_ms(), list_families(request.query.get('archived') == '1')
-    flags = family_flags(families, now)
-    return {'families': [dict(f, today=family_today(f, now)['totals'], flags=[code for code, _ in flags.get(f['id'], [])])
+    today, flags = families_today(families, now), family_flags(families, now)
+    return {'families': [dict(f, today=today[f['id']]['totals'], flags=[code for code, _ in flags.get(f['id'], [])])
                          for f in families]}
 
 
@@ -2471,7 +2548,8 @@ def family_page(family, date_text, errors=None, typed=None):
     """Return what the family page shows for one date (a refused form: its message and what was typed)."""
     tz, now, hour_ms = family['tz'], now_ms(), 3600 * 1000
     date = parse_date(date_text, tz)
-    summary, config = day_summary(family, date, now), get_config(family['id'])
+    summary, config, chart = day_summary(family, date, now), get_config(family['id']), sleep_chart(family, date, now)
+    gevent.idle()  # the page renders in a slice of its own
     for hour in summary['hours']:  # the sleep inside each hour, as (first minute, minutes)
         begin, top = hour['start'], hour['start'] + hour_ms
         hour['sleep'] = [((max(s['start'], begin) - begin) / 60000, (min(s['end'], top) - max(s['start'], begin)) / 60000)
@@ -2483,7 +2561,7 @@ def family_page(family, date_text, errors=None, typed=None):
             'config': json.dumps(config, indent=2), **plan_fields(plan), 'date': str(date), 'text': '',
             **(typed or {})}
     return {'family': family, 'date': date, 'prev': date - dt.timedelta(days=1), 'next': date + dt.timedelta(days=1),
-            'summary': summary, 'chart': sleep_chart(family, date, now), 'config': config, 'form': form,
+            'summary': summary, 'chart': chart, 'config': config, 'form': form,
             'nights': nights_table(family, date if date_text and date < local_today(tz, now) else None, now),
             'links': list_links(family['id']), 'online': {p.token for p in hub.peers(family['id'])},
             'changes': recent_changes(family['id']), 'errors': errors or {}, 'zones': time_zones(), 'now': now,
@@ -2620,25 +2698,69 @@ def admin_notes_delete_form(family_id, note_id):
     return family_form(family_id, 'notes', remove)
 
 
+def export_slices(family_id, size=250):
+    """Yield the family's live entries (oldest first), then None, then its change log (oldest first),
+    `size` rows at a time from one snapshot, serving others between slices; the snapshot is a connection
+    of its own, so no statement stays open on the shared one across a yield."""
+    reader = sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])
+    try:
+        reader.execute('BEGIN')  # one snapshot for both lists
+        for sql in ("""SELECT id, ts, type, value, updated_at, seq, by FROM entries
+                       WHERE family_id = ? AND NOT deleted ORDER BY ts, id DESC""",
+                    """SELECT seq, entry_id, ts, type, value, deleted, updated_at, by, at FROM changes
+                       WHERE family_id = ? ORDER BY seq"""):
+            found = reader.execute(sql, (family_id,))
+            while part := found.fetchmany(size):
+                yield part
+                gevent.idle()
+            yield None
+    finally:
+        reader.close()
+
+
 @app.get('/admin/families/<family_id>/export.<kind:re:csv|json>')
 @admin_required
 def admin_family_export(family_id, kind):
-    """The family's live entries, oldest first: stable ids, ISO times in the family's zone and raw ms."""
+    """The family's live entries, oldest first: stable ids, ISO times in the family's zone and raw ms (streamed)."""
     family = family_or_404(family_id)
-    entries = [dict(e, time=local_time(e['ts'], family['tz']).isoformat(timespec='seconds'))
-               for e in reversed(live_entries(family_id))]
+    stamp = lambda ts: local_time(ts, family['tz']).isoformat(timespec='seconds')
     response.set_header('Content-Disposition', f'attachment; filename="babytrack-{family_id}.{kind}"')
     if kind == 'json':
         response.content_type = 'application/json'
-        return json.dumps({'family': family, 'exported_at': now_ms(), 'entries': entries, 'changes': family_changes(family_id)})
-    out = io.StringIO()
-    writer = csv.DictWriter(out, ['id', 'time', 'ts', 'type', 'value', 'by', 'updated_at', 'seq'], extrasaction='ignore')
-    writer.writeheader()
-    for entry in entries:  # a text starting with = + - @ would run as a formula in a spreadsheet (ids may start with -)
-        writer.writerow({key: f"'{text}" if isinstance(text, str) and text[:1] in tuple('=+-@\t\r')
-                         else text for key, text in entry.items()})
+        shape = lambda part: ','.join(json.dumps(
+            {'id': entry_id, 'ts': ts, 'time': stamp(ts), 'type': entry_type, 'value': value, 'deleted': False,
+             'updated_at': updated_at, 'seq': seq, 'by': by})
+            for entry_id, ts, entry_type, value, updated_at, seq, by in part)
+        change = lambda part: ','.join(json.dumps(
+            {'seq': seq, 'entry_id': entry_id, 'ts': ts, 'type': entry_type, 'value': value, 'deleted': bool(deleted),
+             'updated_at': updated_at, 'by': by, 'at': at})
+            for seq, entry_id, ts, entry_type, value, deleted, updated_at, by, at in part)
+
+        def pieces():
+            yield json.dumps({'family': family, 'exported_at': now_ms(), 'entries': []})[:-2]  # ends '"entries": ['
+            slices, first = export_slices(family_id), True
+            for part in iter(lambda: next(slices), None):
+                yield ',' * (not first) + shape(part)
+                first = False
+            yield '], "changes": ['
+            first = True
+            for part in slices:
+                if part:
+                    yield ',' * (not first) + change(part)
+                    first = False
+            yield ']}'
+        return pieces()
+    # a text starting with = + - @ (or the quote that marks one) would run as a formula in a spreadsheet
+    safe = lambda text: f"'{text}" if str(text)[:1] in tuple("=+-@\t\r'") else text
+
+    def lines(part):
+        out = io.StringIO()
+        csv.writer(out).writerows((safe(entry_id), stamp(ts), ts, safe(entry_type), safe(value), safe(by), updated_at, seq)
+                                  for entry_id, ts, entry_type, value, updated_at, seq, by in part)
+        return out.getvalue()
     response.content_type = 'text/csv; charset=utf-8'
-    return out.getvalue()
+    slices = export_slices(family_id)
+    return itertools.chain(['id,time,ts,type,value,by,updated_at,seq\r\n'], map(lines, iter(lambda: next(slices), None)))
 
 
 # -- admin pages: history, restore and import -------------------------------------

@@ -1,6 +1,10 @@
 """Benchmark babytrackd against a real server process on loopback; print a table and write JSON.
 
     python bench_babytrackd.py [--json bench_results.json] [--load-seconds 60] [--sockets 1000]
+    python bench_babytrackd.py --practice [--json practice_results.json]
+
+--practice measures Jane's pages on a realistic practice (200 families in four time zones, 30 days
+of ~48 entries a day each, one dense day of 1,000 entries) and how much they stall the parents.
 
 Not part of the test suite: it measures, it does not pass or fail (targets are printed beside
 each figure). The client side runs on gevent with a lean WebSocket client (class Client), the same
@@ -38,6 +42,9 @@ import websocket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PASSWORD = 'bench-password'
+# The throughput runs send thousands of messages a second from one link: far over the per-link
+# write budget that protects a real server (CONTRACT section 10), so the bench raises it.
+WRITE_BUDGET = {'WS_WRITE_BURST': '1000000000', 'WS_WRITE_RATE': '1000000000'}
 
 
 def free_port():
@@ -67,7 +74,7 @@ class Server:
         self.base = f'http://127.0.0.1:{self.port}'
         env = dict(os.environ, PORT=str(self.port), HOST='127.0.0.1', DB_PATH=db_path, BACKUP_KEEP='0',
                    ADMIN_PASS=bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode(),
-                   BASE_URL=f'http://127.0.0.1:{self.port}', LOG_LEVEL='error')
+                   BASE_URL=f'http://127.0.0.1:{self.port}', LOG_LEVEL='error', **WRITE_BUDGET)
         env.pop('BABYTRACKD_NO_PATCH', None)
         env.update(WS_WRITE_BURST='1000000000', WS_WRITE_RATE='1000000')  # a link's write budget would pace the throughput runs
         python = [sys.executable]
@@ -98,10 +105,17 @@ class Server:
     def rss_kb(self):
         return rss_kb(self.proc.pid)
 
+    def cpu_seconds(self):
+        """The server process's CPU time so far (user + system)."""
+        with open(f'/proc/{self.proc.pid}/stat') as stat:
+            fields = stat.read().rsplit(')', 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
     def time_get(self, path, runs=20, accept='application/json'):
-        """Median milliseconds of `runs` GETs over one keep-alive connection."""
+        """Median milliseconds of `runs` GETs over one keep-alive connection (and in self.cpu_ms, the
+        server's CPU milliseconds per GET: on a busy machine, wall time also counts other processes)."""
         connection = http.client.HTTPConnection('127.0.0.1', self.port)
-        timings = []
+        timings, cpu = [], self.cpu_seconds()
         for _ in range(runs + 2):
             started = time.perf_counter()
             connection.request('GET', path, headers={'Cookie': self.cookie, 'Accept': accept})
@@ -109,6 +123,7 @@ class Server:
             answer.read()
             assert answer.status == 200, (path, answer.status)
             timings.append((time.perf_counter() - started) * 1000)
+        self.cpu_ms = (self.cpu_seconds() - cpu) * 1000 / len(timings)
         return statistics.median(timings[2:])
 
     def stop(self):
@@ -294,6 +309,15 @@ class Floor:
         self.proc.wait()
 
 
+def broadcast_ms(sender, arrivals, key, timeout=10):
+    """Milliseconds from one device's write to its arrival on all 5 devices of its family."""
+    now = int(time.time() * 1000)
+    started = time.perf_counter()
+    sender.send(json.dumps({'type': 'entry', 'action': 'add', 'entry': {
+        'id': key, 'ts': now, 'type': 'feed', 'value': 'bottle', 'updated_at': now}}))
+    return (max(arrivals.wait_for(key, 5, timeout)) - started) * 1000
+
+
 def phase(text):
     print(f'... {text}', file=sys.stderr, flush=True)
 
@@ -374,12 +398,7 @@ def run(args):
         floor = Floor()
 
         def broadcast(number):
-            family_id = rng.choice(family_ids)
-            sender, key, now = rng.choice(clients[family_id]), f'b{number}', int(time.time() * 1000)
-            started = time.perf_counter()
-            sender.send(json.dumps({'type': 'entry', 'action': 'add', 'entry': {
-                'id': key, 'ts': now, 'type': 'feed', 'value': 'bottle', 'updated_at': now}}))
-            return (max(arrivals.wait_for(key, 5)) - started) * 1000
+            return broadcast_ms(rng.choice(clients[rng.choice(family_ids)]), arrivals, f'b{number}')
 
         paced, paced_floor, slot = [], [], time.perf_counter()
         for number in range(args.samples):
@@ -456,6 +475,113 @@ def run(args):
     return results
 
 
+PRACTICE_ZONES = ['Australia/Sydney', 'Europe/London', 'America/New_York', 'America/Los_Angeles']
+
+
+def prepare_practice(path, families=200, days=30, per_day=48, dense=1000):
+    """Write the practice straight into SQLite: families in four zones, `days` local days of about
+    `per_day` entries each up to now, and in the first family a dense day (yesterday) of `dense`."""
+    os.environ['DB_PATH'] = path
+    os.environ['BABYTRACKD_NO_PATCH'] = '1'  # this process patched itself above
+    import datetime as dt
+    import zoneinfo
+    import babytrackd
+    db = babytrackd.open_db(path)
+    now, rng, hour = int(time.time() * 1000), random.Random(7), 3600 * 1000
+    kinds = [('sleep', 'sleeping'), ('feed', 'bottle'), ('nappy', 'wet'),
+             ('sleep', 'awake'), ('feed', 'breast left'), ('nappy', 'wet + dirty')]
+    made, entries = [], []
+    for number in range(families):
+        family_id, zone = f'family{number:03d}', zoneinfo.ZoneInfo(PRACTICE_ZONES[number % 4])
+        today = dt.datetime.fromtimestamp(now / 1000, zone).date()
+        midnights = [int(dt.datetime.combine(today - dt.timedelta(days=back), dt.time(), zone).timestamp() * 1000)
+                     for back in range(days + 1)]
+        db.execute('INSERT INTO families (id, name, notes, created_at, archived, tz) VALUES (?, ?, ?, ?, 0, ?)',
+                   (family_id, f'Family {number}', '', now - number * 1000, zone.key))
+        links = [uuid.uuid4().hex for _ in range(5)]
+        db.executemany('INSERT INTO access_links (token, family_id, label, created_at) VALUES (?, ?, ?, ?)',
+                       [(token, family_id, f'device {d}', now) for d, token in enumerate(links)])
+        made.append((family_id, links))
+        for start in midnights[:days]:
+            stamps = [start + slot * 24 * hour // per_day + rng.randrange(20 * 60 * 1000) for slot in range(per_day)]
+            entries += [(family_id, ts, *kinds[slot % len(kinds)]) for slot, ts in enumerate(stamps) if ts <= now]
+        if number == 0:  # the dense day: yesterday, one entry every 86.4 s
+            dense_date, start = today - dt.timedelta(days=1), midnights[1]
+            entries += [(family_id, start + n * (midnights[0] - start) // dense, *kinds[n % len(kinds)])
+                        for n in range(dense)]
+    entries.sort(key=lambda e: e[1])
+    with babytrackd.transaction():
+        db.executemany("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
+                          VALUES (?, ?, ?, ?, ?, 0, ?, ?, 'device 0')""",
+                       [(uuid.uuid4().hex, family_id, ts, kind, value, ts, seq)
+                        for seq, (family_id, ts, kind, value) in enumerate(entries, start=1)])
+        # the change log, back-filled the way migration 2 does it
+        db.execute("""INSERT INTO changes (seq, entry_id, family_id, ts, type, value, deleted, updated_at, by, at)
+                      SELECT seq, id, family_id, ts, type, value, deleted, updated_at, by, updated_at FROM entries""")
+    db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    db.close()
+    return made, len(entries), dense_date.isoformat()
+
+
+def run_practice(args):
+    """Jane's pages on the practice, and the broadcast p99 with the server idle and while one client
+    reloads the dashboard back to back (same run, same family, same client code)."""
+    workdir = tempfile.mkdtemp(prefix='babytrackd-practice-')
+    db_path = os.path.join(workdir, 'babytrack.db')
+    phase('writing the practice')
+    started = time.perf_counter()
+    families, count, dense_date = prepare_practice(db_path)
+    results = {'practice_entries': count, 'practice_families': len(families), 'load_average': os.getloadavg()[0],
+               'practice_seconds': time.perf_counter() - started}
+    server = Server(db_path, args.no_pth)
+    try:
+        phase('pages')
+        for key, path, accept in (('dashboard', '/admin', 'text/html'), ('list', '/admin/families', 'application/json'),
+                                  ('family_page', f'/admin/families/{families[1][0]}', 'text/html'),
+                                  ('dense_summary', f'/admin/families/{families[0][0]}/summary?date={dense_date}',
+                                   'application/json')):
+            results[f'practice_{key}_ms'] = server.time_get(path, runs=40, accept=accept)
+            results[f'practice_{key}_cpu_ms'] = server.cpu_ms
+
+        phase('broadcast p99: idle, then under a dashboard reloaded back to back')
+        arrivals = Arrivals()
+
+        def record(client, text, at):
+            message = json.loads(text)
+            if message.get('type') == 'entry':
+                arrivals.record(message['entry']['id'], at)
+        family_id, links = families[1]
+        devices = [Client(f'ws://127.0.0.1:{server.port}/ws?family={family_id}', cookie=f'bt_link={token}',
+                          origin=server.base, on_message=record) for token in links]
+        gevent.sleep(1)
+        samples = args.practice_samples
+        idle = [broadcast_ms(devices[n % 5], arrivals, f'i{n}') for n in range(samples)]
+        reloading, reloads = True, []
+
+        def reload():
+            connection = http.client.HTTPConnection('127.0.0.1', server.port)
+            while reloading:
+                started = time.perf_counter()
+                connection.request('GET', '/admin', headers={'Cookie': server.cookie, 'Accept': 'text/html'})
+                connection.getresponse().read()
+                reloads.append((time.perf_counter() - started) * 1000)
+        reloader = gevent.spawn(reload)
+        gevent.sleep(0.2)
+        loaded = [broadcast_ms(devices[n % 5], arrivals, f'r{n}', timeout=60) for n in range(samples)]
+        reloading = False
+        reloader.join()
+        for device in devices:
+            device.close()
+        results['practice_idle_p99_ms'] = percentile(idle, 0.99)
+        results['practice_loaded_p99_ms'] = percentile(loaded, 0.99)
+        results['practice_p99_ratio'] = results['practice_loaded_p99_ms'] / results['practice_idle_p99_ms']
+        results['practice_reloads'] = len(reloads)
+        results['practice_reload_ms'] = statistics.median(reloads)
+    finally:
+        server.stop()
+    return results
+
+
 def long_reliability_runs(seeds):
     """The reliability tests at bench length: hundreds of convergence seeds, more crash rounds."""
     phase(f'convergence with {seeds} seeds, crash with {max(3, seeds // 20)} rounds')
@@ -496,6 +622,35 @@ TARGETS = [
 ]
 
 
+PRACTICE_TARGETS = [
+    ('practice_dashboard_ms', 'dashboard HTML, 200 families (median of 40)', 'ms', '<= 20', lambda v: v <= 20),
+    ('practice_list_ms', 'GET /admin/families JSON (median of 40)', 'ms', '<= 20', lambda v: v <= 20),
+    ('practice_family_page_ms', 'family page HTML, day grid + 14-day chart', 'ms', '<= 20 (10)', lambda v: v <= 20),
+    ('practice_dense_summary_ms', 'summary of the 1,000-entry day', 'ms', '<= 10', lambda v: v <= 10),
+    ('practice_dashboard_cpu_ms', 'dashboard, server CPU per request', 'ms', '', None),
+    ('practice_list_cpu_ms', 'GET /admin/families, server CPU per request', 'ms', '', None),
+    ('practice_family_page_cpu_ms', 'family page, server CPU per request', 'ms', '', None),
+    ('practice_dense_summary_cpu_ms', '1,000-entry day summary, server CPU per request', 'ms', '', None),
+    ('practice_idle_p99_ms', 'broadcast p99 (send -> all 5 devices), idle', 'ms', '', None),
+    ('practice_loaded_p99_ms', 'broadcast p99, dashboard reloaded back to back', 'ms', '', None),
+    ('practice_p99_ratio', 'broadcast p99 loaded / idle', 'x', '<= 4', lambda v: v <= 4),
+    ('practice_reload_ms', 'dashboard reload while broadcasting (median)', 'ms', '', None),
+]
+
+
+def print_practice(results, before):
+    """Print the practice table: measure | before | after | target."""
+    print(f"practice: {results['practice_families']} families, {results['practice_entries']:,} entries "
+          f"(written in {results['practice_seconds']:.1f} s); {results['machine']}; load average "
+          f"{results['load_average']:.1f} at the start")
+    print(f"{'measure':<50} {'before':>10} {'after':>10}  {'target':<11} ok")
+    for key, label, unit, target, test in PRACTICE_TARGETS:
+        then = f'{before[key]:10.2f}' if key in before else f"{'':>10}"
+        verdict = '' if test is None else ('yes' if test(results[key]) else 'NO')
+        if key in results:
+            print(f'{label:<50} {then} {results[key]:10.2f}{unit:<2} {target:<11} {verdict}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--json', default='bench_results.json')
@@ -509,10 +664,26 @@ def main():
                         help='seeds for the long convergence and crash runs of test_reliability.py (0: skip)')
     parser.add_argument('--no-pth', action='store_true',
                         help="start the server without site-packages' .pth hooks (some machines add MBs there)")
+    parser.add_argument('--practice', action='store_true', help="only the practice: Jane's pages on 290k entries")
+    parser.add_argument('--practice-samples', type=int, default=1000, help='broadcast samples idle and loaded')
+    parser.add_argument('--before', help="a --practice run's JSON to print beside this one as 'before'")
     parser.add_argument('--echo-server', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
         return echo_server(args.echo_server)
+    print('the bench raises the write budget for its servers: '
+          + ', '.join(f'{name}={value}' for name, value in WRITE_BUDGET.items()))
+    if args.practice:
+        results = run_practice(args)
+        results['machine'] = f'{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}'
+        before = {}
+        if args.before:
+            with open(args.before) as earlier:
+                before = json.load(earlier)
+        print_practice(results, before)
+        with open(args.json, 'w') as out:
+            json.dump(results, out, indent=2)
+        return print(f'results written to {args.json}')
     results = run(args)
     if args.convergence_seeds:
         results.update(long_reliability_runs(args.convergence_seeds))
