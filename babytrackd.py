@@ -360,6 +360,13 @@ def check_text(value, name, low, high):
     return value
 
 
+def check_filled(value, name, high):
+    """Return value if it is text of at most `high` characters, not all blank, else raise Invalid."""
+    if not check_text(value, name, 1, high).strip():
+        raise Invalid(f'{name} must not be empty')
+    return value
+
+
 def check_int(value, name):
     """Return value if it is an integer (not a bool), else raise Invalid."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -423,26 +430,22 @@ def list_families(include_archived=False):
     return [dict(family_dict(r), last_activity=r['last_activity']) for r in found]
 
 
+FAMILY_FIELDS = {  # what a family's field may hold, in the order they are checked
+    'name': lambda value: check_filled(value, 'name', 200).strip(),
+    'notes': lambda value: check_text(value, 'notes', 0, 10_000),
+    'archived': lambda value: int(check_bool(value, 'archived')),
+    'tz': check_tz,
+    'night_start': lambda value: check_clock(value, 'night_start'),
+    'night_end': lambda value: check_clock(value, 'night_end'),
+}
+
+
 def family_fields(changes):
     """Return the valid family fields among name, notes, archived, tz and the night window, else raise Invalid."""
-    unknown = set(changes) - {'name', 'notes', 'archived', 'tz', 'night_start', 'night_end'}
+    unknown = set(changes) - FAMILY_FIELDS.keys()
     if unknown:
         raise Invalid(f'unknown field: {sorted(unknown)[0]}')
-    fields = {}
-    if 'name' in changes:
-        fields['name'] = check_text(changes['name'], 'name', 1, 200).strip()
-        if not fields['name']:
-            raise Invalid('name must not be empty')
-    if 'notes' in changes:
-        fields['notes'] = check_text(changes['notes'], 'notes', 0, 10_000)
-    if 'archived' in changes:
-        fields['archived'] = int(check_bool(changes['archived'], 'archived'))
-    if 'tz' in changes:
-        fields['tz'] = check_tz(changes['tz'])
-    for name in ('night_start', 'night_end'):
-        if name in changes:
-            fields[name] = check_clock(changes[name], name)
-    return fields
+    return {name: check(changes[name]) for name, check in FAMILY_FIELDS.items() if name in changes}
 
 
 def create_family(name, notes='', tz=None):
@@ -622,8 +625,7 @@ def create_note(family_id, date, text):
             raise ValueError
     except (TypeError, ValueError):
         raise Invalid('date must be a day such as 2026-01-31') from None
-    if not check_text(text, 'text', 1, 4000).strip():
-        raise Invalid('text must not be empty')
+    check_filled(text, 'text', 4000)
     note_id = secrets.token_urlsafe(6)
     with transaction():
         db.execute('INSERT INTO notes (id, family_id, date, text, created_at) VALUES (?, ?, ?, ?, ?)',
