@@ -1385,6 +1385,19 @@ class RateLimiter:
 login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
 
 
+def log_in(address, username, password):
+    """Return (a new session token, None) for the admin's credentials, else (None, (status, message))."""
+    if login_limiter.blocked(address):
+        return None, (429, 'Too many failed logins. Try again in 15 minutes.')
+    login_limiter.fail(address)  # counted before bcrypt runs, so parallel guesses count too
+    admin = authenticate(username, password)
+    if admin is None:
+        stats['login_failures'] += 1
+        return None, (401, 'Wrong username or password.')
+    login_limiter.forgive(address)
+    return create_session(admin['id']), None
+
+
 ###############################################################################
 # Hub ##########################################################################
 ###############################################################################
@@ -2062,24 +2075,13 @@ def admin_login():
     if is_form and not same_origin(request.environ):
         bottle.abort(403, 'Log in from this site.')
     data = form_or_json()
-    username, password = data.get('username'), data.get('password')
-    address = client_address()
-
-    def refuse(status, message):
-        if is_form:
-            response.status = status
-            return page('login', error=message, username_value=username if isinstance(username, str) else '')
-        bottle.abort(status, message)
-
-    if login_limiter.blocked(address):
-        return refuse(429, 'Too many failed logins. Try again in 15 minutes.')
-    login_limiter.fail(address)  # counted before bcrypt runs, so parallel guesses count too
-    admin = authenticate(username, password)
-    if admin is None:
-        stats['login_failures'] += 1
-        return refuse(401, 'Wrong username or password.')
-    login_limiter.forgive(address)
-    response.set_cookie(ADMIN_COOKIE, create_session(admin['id']), path='/admin', httponly=True,
+    token, refused = log_in(client_address(), data.get('username'), data.get('password'))
+    if refused and not is_form:
+        bottle.abort(*refused)
+    if refused:
+        response.status, username = refused[0], data.get('username')
+        return page('login', error=refused[1], username_value=username if isinstance(username, str) else '')
+    response.set_cookie(ADMIN_COOKIE, token, path='/admin', httponly=True,
                         samesite='strict', secure=SECURE_COOKIES, max_age=SESSION_DAYS * 86400)
     if is_form:
         bottle.redirect('/admin', 303)
