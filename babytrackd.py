@@ -2147,6 +2147,52 @@ def admin_families_create():
     return family
 
 
+# What an admin change does, whichever route asked: store it, then the family's devices hear of it at once.
+
+def change_family(family_id, changes):
+    """Apply changes to a family and return it; archiving closes its sockets (its links stop working at once)."""
+    family = update_family(family_id, changes)
+    if family['archived']:
+        hub.close_family(family_id)
+    return family
+
+
+def revoke_and_close(family_id, token):
+    """Revoke a link and close its sockets; return False when the family has no such live link."""
+    revoked = revoke_link(family_id, token)
+    if revoked:
+        hub.close_link(token)
+    return revoked
+
+
+def push_config(family_id, groups):
+    """Store the family's button groups and push them to its devices; return them."""
+    hub.broadcast(family_id, {'type': 'config', 'data': save_config(family_id, groups)})
+    return groups
+
+
+def push_plan(family_id, plan):
+    """Store the family's plan (None clears it) and push it to its devices; return it."""
+    plan = save_plan(family_id, plan)
+    hub.broadcast(family_id, {'type': 'plan', 'plan': plan})
+    return plan
+
+
+def push_note(family_id, date, text):
+    """Write a coaching note and push it to the family's devices; return it."""
+    note = create_note(family_id, date, text)
+    hub.broadcast(family_id, {'type': 'note', 'note': note})
+    return note
+
+
+def drop_note(family_id, note_id):
+    """Delete a coaching note and tell the family's devices; return False when it has no such note."""
+    deleted = delete_note(family_id, note_id)
+    if deleted:
+        hub.broadcast(family_id, {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
+    return deleted
+
+
 @app.get('/admin/families/<family_id>')
 @admin_required
 def admin_family_show(family_id):
@@ -2166,10 +2212,7 @@ def admin_family_show(family_id):
 def admin_family_update(family_id):
     """Change a family's name, notes, time zone or archived flag."""
     family_or_404(family_id)
-    family = update_family(family_id, json_body())
-    if family['archived']:
-        hub.close_family(family_id)
-    return family
+    return change_family(family_id, json_body())
 
 
 @app.put('/admin/families/<family_id>/config')
@@ -2180,9 +2223,7 @@ def admin_config_put(family_id):
     data = json_body()
     if 'data' not in data:
         bottle.abort(400, 'Send {"data": [button groups]}.')
-    save_config(family_id, data['data'])
-    hub.broadcast(family_id, {'type': 'config', 'data': data['data']})
-    return {'data': data['data']}
+    return {'data': push_config(family_id, data['data'])}
 
 
 @app.put('/admin/families/<family_id>/plan')
@@ -2191,9 +2232,7 @@ def admin_plan_put(family_id):
     """Store the family's plan ({"plan": null} clears it) and push it to its devices."""
     family_or_404(family_id)
     data = json_body()
-    plan = save_plan(family_id, data['plan'] if 'plan' in data else data)
-    hub.broadcast(family_id, {'type': 'plan', 'plan': plan})
-    return plan or {'plan': None}
+    return push_plan(family_id, data['plan'] if 'plan' in data else data) or {'plan': None}
 
 
 @app.get('/admin/families/<family_id>/notes')
@@ -2212,10 +2251,8 @@ def admin_notes_create(family_id):
     """Write a coaching note and push it to the family's devices."""
     family_or_404(family_id)
     data = json_body()
-    note = create_note(family_id, data.get('date'), data.get('text'))
-    hub.broadcast(family_id, {'type': 'note', 'note': note})
     response.status = 201
-    return note
+    return push_note(family_id, data.get('date'), data.get('text'))
 
 
 @app.delete('/admin/families/<family_id>/notes/<note_id>')
@@ -2223,9 +2260,8 @@ def admin_notes_create(family_id):
 def admin_notes_delete(family_id, note_id):
     """Delete a coaching note and tell the family's devices."""
     family_or_404(family_id)
-    if not delete_note(family_id, note_id):
+    if not drop_note(family_id, note_id):
         bottle.abort(404, 'No such note.')
-    hub.broadcast(family_id, {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
     response.status = 204
     return ''
 
@@ -2274,9 +2310,8 @@ def admin_links_create(family_id):
 def admin_links_revoke(family_id, token):
     """Revoke a share link and close its sockets."""
     family_or_404(family_id)
-    if not revoke_link(family_id, token):
+    if not revoke_and_close(family_id, token):
         bottle.abort(404, 'No such link.')
-    hub.close_link(token)
     response.status = 204
     return ''
 
@@ -2438,8 +2473,7 @@ def admin_family_edit(family_id):
         changes = {key: data[key] for key in ('name', 'notes', 'tz', 'night_start', 'night_end') if key in data}
         if 'archived' in data:
             changes['archived'] = data['archived'] == '1'
-        if update_family(family['id'], changes)['archived']:
-            hub.close_family(family['id'])  # archiving: its links stop working at once
+        change_family(family['id'], changes)
     return family_form(family_id, 'details', edit)
 
 
@@ -2465,9 +2499,8 @@ def admin_links_form(family_id):
 def admin_links_revoke_form(family_id, token):
     """The family page's Revoke button: the link stops working and its sockets close."""
     def revoke(family, data):
-        if not revoke_link(family['id'], token):
+        if not revoke_and_close(family['id'], token):
             raise Invalid('That link was already revoked.')
-        hub.close_link(token)
     return family_form(family_id, 'links', revoke)
 
 
@@ -2482,7 +2515,7 @@ def admin_config_form(family_id):
             raise Invalid(f'This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).') from None
         except RecursionError:
             raise Invalid('This JSON is nested too deeply.') from None
-        hub.broadcast(family['id'], {'type': 'config', 'data': save_config(family['id'], groups)})
+        push_config(family['id'], groups)
     return family_form(family_id, 'config', store)
 
 
@@ -2490,10 +2523,8 @@ def admin_config_form(family_id):
 @admin_required
 def admin_buttons_form(family_id):
     """The family page's button editor (no JSON): checked like the JSON, stored and pushed to the family's devices."""
-    def store(family, data):
-        groups = save_config(family['id'], editor_config(editor_typed(data)))
-        hub.broadcast(family['id'], {'type': 'config', 'data': groups})
-    return family_form(family_id, 'buttons', store)
+    return family_form(family_id, 'buttons',
+                       lambda family, data: push_config(family_id, editor_config(editor_typed(data))))
 
 
 @app.post('/admin/families/<family_id>/plan')
@@ -2504,7 +2535,7 @@ def admin_plan_form(family_id):
         plan = None if 'clear' in data else {'wake': data.get('wake', ''), 'bedtime': data.get('bedtime', ''), 'naps': [
             {'start': data.get(f'nap{n}_start', ''), 'end': data.get(f'nap{n}_end', '')} for n in range(1, 6)
             if data.get(f'nap{n}_start') or data.get(f'nap{n}_end')]}
-        hub.broadcast(family['id'], {'type': 'plan', 'plan': save_plan(family['id'], plan)})
+        push_plan(family['id'], plan)
     return family_form(family_id, 'plan', store)
 
 
@@ -2512,10 +2543,8 @@ def admin_plan_form(family_id):
 @admin_required
 def admin_notes_form(family_id):
     """The family page's note form: a date and the text; the note reaches the family's devices at once."""
-    def write(family, data):
-        note = create_note(family['id'], data.get('date', ''), data.get('text', ''))
-        hub.broadcast(family['id'], {'type': 'note', 'note': note})
-    return family_form(family_id, 'notes', write)
+    return family_form(family_id, 'notes',
+                       lambda family, data: push_note(family_id, data.get('date', ''), data.get('text', '')))
 
 
 @app.post('/admin/families/<family_id>/notes/<note_id>/delete')
@@ -2523,9 +2552,8 @@ def admin_notes_form(family_id):
 def admin_notes_delete_form(family_id, note_id):
     """The Delete button beside a coaching note."""
     def remove(family, data):
-        if not delete_note(family['id'], note_id):
+        if not drop_note(family['id'], note_id):
             raise Invalid('That note was already deleted.')
-        hub.broadcast(family['id'], {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
     return family_form(family_id, 'notes', remove)
 
 
