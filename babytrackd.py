@@ -2413,14 +2413,12 @@ def nights_table(family, end, now):
 
 def family_page(family, date_text, errors=None, typed=None):
     """Return what the family page shows for one date (a refused form: its message and what was typed)."""
-    tz, now, hour_ms = family['tz'], now_ms(), 3600 * 1000
+    tz, now = family['tz'], now_ms()
     date = parse_date(date_text, tz)
     summary, config = day_summary(family, date, now), get_config(family['id'])
+    slept = [(s['start'], s['end'] - s['start']) for s in summary['spans'] if s['category'] == 'sleep' and s['counted']]
     for hour in summary['hours']:  # the sleep inside each hour, as (first minute, minutes)
-        begin, top = hour['start'], hour['start'] + hour_ms
-        hour['sleep'] = [((max(s['start'], begin) - begin) / 60000, (min(s['end'], top) - max(s['start'], begin)) / 60000)
-                         for s in summary['spans'] if s['category'] == 'sleep' and s['counted']
-                         and s['start'] < top and s['end'] > begin]
+        hour['sleep'] = [(start / 60000, length / 60000) for start, length in within(slept, hour['start'], 3600_000)]
     plan, notes = get_plan(family['id']), list_notes(family['id'])
     form = {'name': family['name'], 'notes': family['notes'], 'tz': tz, 'night_start': family['night_start'],
             'night_end': family['night_end'], 'label': '', 'expires': 'never', 'expires_on': '',
