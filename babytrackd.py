@@ -613,11 +613,6 @@ def save_plan(family_id, plan):
     return plan
 
 
-def note_dict(row):
-    """Shape a notes row for the API."""
-    return {'id': row['id'], 'date': row['date'], 'text': row['text'], 'created_at': row['created_at']}
-
-
 def create_note(family_id, date, text):
     """Validate and store a coaching note for a date; return it."""
     try:
@@ -626,18 +621,18 @@ def create_note(family_id, date, text):
     except (TypeError, ValueError):
         raise Invalid('date must be a day such as 2026-01-31') from None
     check_filled(text, 'text', 4000)
-    note_id = secrets.token_urlsafe(6)
+    note = {'id': secrets.token_urlsafe(6), 'date': date, 'text': text, 'created_at': now_ms()}
     with transaction():
         db.execute('INSERT INTO notes (id, family_id, date, text, created_at) VALUES (?, ?, ?, ?, ?)',
-                   (note_id, family_id, date, text, now_ms()))
-    return note_dict(one('SELECT * FROM notes WHERE id = ?', note_id))
+                   (note['id'], family_id, date, text, note['created_at']))
+    return note
 
 
 def list_notes(family_id, since=0):
     """Return the family's coaching notes written at or after `since` (ms), newest first."""
-    found = rows('SELECT * FROM notes WHERE family_id = ? AND created_at >= ? ORDER BY created_at DESC, id DESC',
-                 family_id, since)
-    return [note_dict(r) for r in found]
+    return [dict(r) for r in rows("""SELECT id, date, text, created_at FROM notes
+                                     WHERE family_id = ? AND created_at >= ? ORDER BY created_at DESC, id DESC""",
+                                  family_id, since)]
 
 
 def delete_note(family_id, note_id):
