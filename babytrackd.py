@@ -2600,9 +2600,9 @@ def admin_entry_restore(family_id, entry_id):
     """Make an older version current again (by = the admin), pushed to the family's devices like any change."""
     family_or_404(family_id)
     data = form_or_json()
-    seq = data.get('seq')
-    answer = restore_entry(family_id, entry_id, check_int(int(seq) if isinstance(seq, str) and seq.isdigit() else seq,
-                                                          'seq'), request.environ['babytrackd.session']['username'])
+    seq = data.get('seq')  # a number in JSON, digits in a form
+    seq = int(seq) if isinstance(seq, str) and seq.isdigit() else check_int(seq, 'seq')
+    answer = restore_entry(family_id, entry_id, seq, request.environ['babytrackd.session']['username'])
     if answer is None:
         bottle.abort(404, 'This entry has no such version in this family.')
     outcome, action, entry = answer
