@@ -337,8 +337,7 @@ JSON_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # made once: js
 
 
 def parse_json(text):
-    """Parse JSON text (strictly decoded UTF-8), refusing what Python's json reads but browsers and
-    SQLite do not: NaN, Infinity, lone surrogates."""
+    """Parse JSON text, refusing what browsers and SQLite would not read: NaN, Infinity, lone surrogates."""
     data = JSON_DECODER.decode(text)
     if '\\u' in text:  # text decoded from UTF-8 holds no surrogates; only an escape can make one
         json.dumps(data, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError, on a lone surrogate
@@ -702,8 +701,7 @@ def family_changes(family_id):
 
 
 def deleted_entries(family_id, now, days=30):
-    """Return the family's entries deleted in the last `days` days (server time), newest first, each with
-    `restore_seq`: its last version that was not deleted."""
+    """Return the entries deleted in the last `days` days, newest first, with `restore_seq`: their last live version."""
     found = db.execute("""SELECT e.*, (SELECT MAX(seq) FROM changes WHERE entry_id = e.id AND NOT deleted) AS restore_seq
                           FROM entries e JOIN changes c ON c.seq = e.seq
                           WHERE e.family_id = ? AND e.deleted AND c.at >= ? ORDER BY e.seq DESC""",
@@ -827,10 +825,7 @@ def apply_entry(family_id, action, message, by, now=None):
 
 
 def restore_entry(family_id, entry_id, seq, by, now=None):
-    """Make version `seq` of one of the family's entries current again, as a new write by `by`.
-
-    Returns apply_entry's answer, or None when the entry has no such version in this family.
-    """
+    """Make version `seq` of an entry current again, written by `by`: apply_entry's answer, or None."""
     version = one('SELECT * FROM changes WHERE seq = ? AND entry_id = ? AND family_id = ?',
                   seq, entry_id, family_id) if 0 < seq < 2 ** 63 else None
     if version is None:
@@ -947,17 +942,13 @@ def csv_rows(text, columns):
 
 
 def import_entries(family, text, now, skipped):
-    """Yield every entry of an import file, validated and ready for apply_entry ('add'); count the rows
-    left out in `skipped`, by what they were. Raises Invalid naming the line of the first problem.
-
-    Holds nothing but the text, so a 5 MiB file is read twice (check, then store) instead of being
-    held as ~100,000 entries; gives the event loop a turn every 500 rows (never inside a transaction).
-    """
+    """Yield an import file's entries, validated; count skipped rows by kind; Invalid names the line."""
+    # Holds only the text: a 5 MiB file is read twice (check, then store) rather than held as ~100,000 entries.
     header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', text.lstrip())[0].split(',')}
     rows = huckleberry_rows(text, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(text)
     for number, (where, source_id, made) in enumerate(rows):
         if number % 500 == 499:
-            gevent.sleep(0)
+            gevent.sleep(0)  # the event loop's turn (never inside a transaction)
         if isinstance(made, str):
             skipped[made] = skipped.get(made, 0) + 1
             continue
@@ -1274,8 +1265,7 @@ _DUMMY_HASH = None
 
 
 def ensure_admin(username=ADMIN_USER, password=ADMIN_PASS):
-    """Make `username` the one admin, with `password` when given (a new one ends every session);
-    return a generated password when one was made."""
+    """Make `username` the one admin, with `password` if given (a new one ends all sessions); return one made up."""
     generated, admin = None, one('SELECT * FROM admins WHERE username = ?', username)
     if password:
         if admin and (admin['password_hash'] == password or password_matches(password, admin['password_hash'])):
@@ -2446,8 +2436,7 @@ def admin_family_add():
 
 
 def family_form(family_id, section, act):
-    """Run one form of the family page: act(family, form), then back to the page with 303;
-    an Invalid shows the page again (400) with the message beside that form and what was typed."""
+    """Run act(family, form) for a family page form, then 303 back; Invalid: the page again, as typed."""
     family = family_or_404(family_id)
     data = form_body()  # the JSON API has its own routes for all of this
     try:
