@@ -2144,8 +2144,7 @@ def change_family(family_id, changes):
 
 def revoke_and_close(family_id, token):
     """Revoke a link and close its sockets; return False when the family has no such live link."""
-    revoked = revoke_link(family_id, token)
-    if revoked:
+    if revoked := revoke_link(family_id, token):
         hub.close_link(token)
     return revoked
 
@@ -2172,8 +2171,7 @@ def push_note(family_id, date, text):
 
 def drop_note(family_id, note_id):
     """Delete a coaching note and tell the family's devices; return False when it has no such note."""
-    deleted = delete_note(family_id, note_id)
-    if deleted:
+    if deleted := delete_note(family_id, note_id):
         hub.broadcast(family_id, {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
     return deleted
 
