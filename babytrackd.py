@@ -408,6 +408,11 @@ def check_clock(value, name):
     return value
 
 
+def day_minute(clock):
+    """Return the minute of the day that a wall-clock time 'HH:MM' names."""
+    return int(clock[:2]) * 60 + int(clock[3:])
+
+
 def family_dict(row):
     """Shape a families row for the API."""
     return {'id': row['id'], 'name': row['name'], 'notes': row['notes'] or '',
@@ -1223,8 +1228,9 @@ def family_flags(families, now):
             said.append(('quiet', 'No entries yet' if hours is None else f'No entries for {hours} h' if hours < 48
                          else f'No entries for {hours // 24} days'))
         plan = json.loads(row['plan']) if row['plan'] else None
-        minutes, of = round((row['asleep_ms'] or 0) / 60000), lambda clock: int(clock[:2]) * 60 + int(clock[3:])
-        short = minutes <= (of(plan['wake']) - of(plan['bedtime'])) % 1440 - 60 if plan else minutes < 600
+        minutes = round((row['asleep_ms'] or 0) / 60000)
+        planned = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 if plan else None
+        short = minutes <= planned - 60 if plan else minutes < 600
         if minutes and short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
             said.append(('short_night', f'Short night: {hm(minutes)}'))
         if (row['wakings'] or 0) >= 3:
@@ -2362,11 +2368,10 @@ def planned_minutes(plan):
     """Return the plan's sleep as (first minute, minutes) on the wall clock: the night from bedtime to wake, the naps."""
     if not plan:
         return []
-    minute = lambda hhmm: int(hhmm[:2]) * 60 + int(hhmm[3:])
-    wake, bed = minute(plan['wake']), minute(plan['bedtime'])
+    wake, bed = day_minute(plan['wake']), day_minute(plan['bedtime'])
     night = [(0, wake), (bed, 1440 - bed)] if bed > wake else [(bed, wake - bed)]
     return [(start, length) for start, length in night if length] + [
-        (minute(n['start']), minute(n['end']) - minute(n['start'])) for n in plan['naps']]
+        (day_minute(n['start']), day_minute(n['end']) - day_minute(n['start'])) for n in plan['naps']]
 
 
 def within(spans, start, length):
