@@ -2438,12 +2438,13 @@ def admin_family_add():
     bottle.redirect(f"/admin/families/{family['id']}", 303)
 
 
-def family_form(family_id, section, act):
+def family_form(family_id, section, act, gone=None):
     """Run act(family, form) for a family page form, then 303 back; Invalid: the page again, as typed."""
     family = family_or_404(family_id)
     data = form_body()  # the JSON API has its own routes for all of this
     try:
-        act(family, data)
+        if act(family, data) is False:  # what it would change was already gone (a second click, an old page)
+            raise Invalid(gone)
     except Invalid as error:
         response.status = 400
         return page('family', **family_page(family, None, {section: str(error)}, data))
@@ -2483,10 +2484,8 @@ def admin_links_form(family_id):
 @admin_required
 def admin_links_revoke_form(family_id, token):
     """The family page's Revoke button: the link stops working and its sockets close."""
-    def revoke(family, data):
-        if not revoke_and_close(family['id'], token):
-            raise Invalid('That link was already revoked.')
-    return family_form(family_id, 'links', revoke)
+    return family_form(family_id, 'links', lambda family, data: revoke_and_close(family_id, token),
+                       gone='That link was already revoked.')
 
 
 @app.post('/admin/families/<family_id>/config')
@@ -2536,10 +2535,8 @@ def admin_notes_form(family_id):
 @admin_required
 def admin_notes_delete_form(family_id, note_id):
     """The Delete button beside a coaching note."""
-    def remove(family, data):
-        if not drop_note(family['id'], note_id):
-            raise Invalid('That note was already deleted.')
-    return family_form(family_id, 'notes', remove)
+    return family_form(family_id, 'notes', lambda family, data: drop_note(family_id, note_id),
+                       gone='That note was already deleted.')
 
 
 @app.get('/admin/families/<family_id>/export.<kind:re:csv|json>')
