@@ -2455,11 +2455,9 @@ def family_form(family_id, section, act, gone=None):
 @admin_required
 def admin_family_edit(family_id):
     """The family page's details form (name, notes, time zone, night window) and its Archive / Unarchive button."""
-    def edit(family, data):
-        changes = {key: data[key] for key in ('name', 'notes', 'tz', 'night_start', 'night_end') if key in data}
-        if 'archived' in data:
-            changes['archived'] = data['archived'] == '1'
-        change_family(family['id'], changes)
+    def edit(family, data):  # the Archive / Unarchive button sends archived=1 / 0
+        change_family(family_id, {key: data[key] == '1' if key == 'archived' else data[key]
+                                  for key in FAMILY_FIELDS if key in data})
     return family_form(family_id, 'details', edit)
 
 
