@@ -2083,7 +2083,7 @@ def admin_login():
 def admin_logout():
     """End the session and clear its cookie."""
     if not sends_json():
-        form_or_json()  # checks the CSRF token
+        form_body()  # checks the CSRF token
     end_session(request.get_cookie(ADMIN_COOKIE))
     response.delete_cookie(ADMIN_COOKIE, path='/admin')
     if wants_json():
