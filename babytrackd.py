@@ -1118,6 +1118,12 @@ def night_bounds(family, date):
             wall_clock(following, family['night_end'], tz))
 
 
+def asleep_labels(config):
+    """Return the labels of the stateful sleep group's buttons that count as asleep."""
+    group = next((g for g in config if g['category'] == 'sleep' and g.get('stateful')), {'buttons': []})
+    return [b['label'] for b in group['buttons'] if b.get('counted')]
+
+
 def night_report(family, days=14, end=None, now=None):
     """Return the family's days and nights up to `end`, oldest first (CONTRACT section 8): one query for the range."""
     now, tz, hour = now_ms() if now is None else now, family['tz'], 3600 * 1000
@@ -1129,8 +1135,7 @@ def night_report(family, days=14, end=None, now=None):
     dates = [end - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
     bounds = [night_bounds(family, date) for date in dates]
     start, stop = min(bounds[0][0], bounds[0][1] - 3 * hour), bounds[-1][2] + 3 * hour
-    group = next((g for g in get_config(family['id']) if g['category'] == 'sleep' and g.get('stateful')), {'buttons': []})
-    counted, runs = {b['label'] for b in group['buttons'] if b.get('counted')}, []  # runs: [since, end, asleep, closed]
+    counted, runs = set(asleep_labels(get_config(family['id']))), []  # runs: [since, end, asleep, closed]
     for ts, value, until in db.execute("""
             SELECT ts, value, LEAD(ts) OVER (ORDER BY ts, id) FROM entries
             WHERE family_id = ? AND type = 'sleep' AND NOT deleted AND ts < ?
@@ -1218,8 +1223,7 @@ def family_flags(families, now):
            FROM entries e WHERE e.family_id = n.family_id AND e.type = 'sleep' AND NOT e.deleted AND e.ts <= :now
            ORDER BY e.ts DESC LIMIT 1) AS state
         FROM nights n JOIN families f ON f.id = n.family_id LEFT JOIN expiring x ON x.family_id = n.family_id""",
-        {'windows': json.dumps(windows), 'now': now, 'default_counted': json.dumps(
-            [b['label'] for g in DEFAULT_CONFIG if g['category'] == 'sleep' for b in g['buttons'] if b.get('counted')])})
+        {'windows': json.dumps(windows), 'now': now, 'default_counted': json.dumps(asleep_labels(DEFAULT_CONFIG))})
     flags = {}
     for row in found:
         family, said = active[row['family_id']], []
