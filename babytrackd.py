@@ -1276,17 +1276,12 @@ _DUMMY_HASH = None
 
 def ensure_admin(username=ADMIN_USER, password=ADMIN_PASS):
     """Make `username` the one admin, with `password` if given (a new one ends all sessions); return one made up."""
-    generated, admin = None, one('SELECT * FROM admins WHERE username = ?', username)
-    if password:
-        if admin and (admin['password_hash'] == password or password_matches(password, admin['password_hash'])):
-            password_hash = admin['password_hash']  # unchanged: sessions stay
-        else:
-            password_hash = password if password.startswith('$2') else hash_password(password)
-    elif admin:
-        password_hash = admin['password_hash']
-    else:
-        generated = secrets.token_urlsafe(12)
-        password_hash = hash_password(generated)
+    admin, generated = one('SELECT * FROM admins WHERE username = ?', username), None
+    password_hash = admin['password_hash'] if admin else None  # kept when unchanged: sessions stay
+    if not (password or admin):
+        password = generated = secrets.token_urlsafe(12)
+    if password and not (admin and (password == password_hash or password_matches(password, password_hash))):
+        password_hash = password if password.startswith('$2') else hash_password(password)
     with transaction():
         if not admin or password_hash != admin['password_hash']:
             db.execute('DELETE FROM admin_sessions')
