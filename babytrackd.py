@@ -1275,7 +1275,7 @@ _DUMMY_HASH = None
 
 
 def ensure_admin(username=ADMIN_USER, password=ADMIN_PASS):
-    """Make `username` the one admin, with `password` if given (a new one ends sessions); return any made-up password."""
+    """Make `username` the one admin, with `password` if given (a new one ends sessions); return one made up, if any."""
     admin, generated = one('SELECT * FROM admins WHERE username = ?', username), None
     password_hash = admin['password_hash'] if admin else None  # kept when unchanged: sessions stay
     if not (password or admin):
