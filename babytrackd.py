@@ -377,8 +377,7 @@ JSON_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # made once: js
 
 
 def parse_json(text):
-    """Parse JSON text (strictly decoded UTF-8), refusing what Python's json reads but browsers and
-    SQLite do not: NaN, Infinity, lone surrogates."""
+    """Parse JSON text, refusing what browsers and SQLite would not read: NaN, Infinity, lone surrogates."""
     data = JSON_DECODER.decode(text)
     if '\\u' in text:  # text decoded from UTF-8 holds no surrogates; only an escape can make one
         json.dumps(data, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError, on a lone surrogate
@@ -397,6 +396,13 @@ def check_text(value, name, low, high):
         raise Invalid(f'{name} must not be empty')
     if len(value) > high:
         raise Invalid(f'{name} must be at most {high:,} characters')
+    return value
+
+
+def check_filled(value, name, high):
+    """Return value if it is text of at most `high` characters, not all blank, else raise Invalid."""
+    if not check_text(value, name, 1, high).strip():
+        raise Invalid(f'{name} must not be empty')
     return value
 
 
@@ -442,6 +448,11 @@ def check_clock(value, name):
     return value
 
 
+def day_minute(clock):
+    """Return the minute of the day that a wall-clock time 'HH:MM' names."""
+    return int(clock[:2]) * 60 + int(clock[3:])
+
+
 def family_dict(row):
     """Shape a families row for the API."""
     return {'id': row['id'], 'name': row['name'], 'notes': row['notes'] or '',
@@ -463,26 +474,22 @@ def list_families(include_archived=False):
     return [dict(family_dict(r), last_activity=r['last_activity']) for r in found]
 
 
+FAMILY_FIELDS = {  # what a family's field may hold, in the order they are checked
+    'name': lambda value: check_filled(value, 'name', 200).strip(),
+    'notes': lambda value: check_text(value, 'notes', 0, 10_000),
+    'archived': lambda value: int(check_bool(value, 'archived')),
+    'tz': check_tz,
+    'night_start': lambda value: check_clock(value, 'night_start'),
+    'night_end': lambda value: check_clock(value, 'night_end'),
+}
+
+
 def family_fields(changes):
     """Return the valid family fields among name, notes, archived, tz and the night window, else raise Invalid."""
-    unknown = set(changes) - {'name', 'notes', 'archived', 'tz', 'night_start', 'night_end'}
+    unknown = set(changes) - FAMILY_FIELDS.keys()
     if unknown:
         raise Invalid(f'unknown field: {sorted(unknown)[0]}')
-    fields = {}
-    if 'name' in changes:
-        fields['name'] = check_text(changes['name'], 'name', 1, 200).strip()
-        if not fields['name']:
-            raise Invalid('name must not be empty')
-    if 'notes' in changes:
-        fields['notes'] = check_text(changes['notes'], 'notes', 0, 10_000)
-    if 'archived' in changes:
-        fields['archived'] = int(check_bool(changes['archived'], 'archived'))
-    if 'tz' in changes:
-        fields['tz'] = check_tz(changes['tz'])
-    for name in ('night_start', 'night_end'):
-        if name in changes:
-            fields[name] = check_clock(changes[name], name)
-    return fields
+    return {name: check(changes[name]) for name, check in FAMILY_FIELDS.items() if name in changes}
 
 
 def create_family(name, notes='', tz=None):
@@ -650,11 +657,6 @@ def save_plan(family_id, plan):
     return plan
 
 
-def note_dict(row):
-    """Shape a notes row for the API."""
-    return {'id': row['id'], 'date': row['date'], 'text': row['text'], 'created_at': row['created_at']}
-
-
 def create_note(family_id, date, text):
     """Validate and store a coaching note for a date; return it."""
     try:
@@ -662,20 +664,19 @@ def create_note(family_id, date, text):
             raise ValueError
     except (TypeError, ValueError):
         raise Invalid('date must be a day such as 2026-01-31') from None
-    if not check_text(text, 'text', 1, 4000).strip():
-        raise Invalid('text must not be empty')
-    note_id = secrets.token_urlsafe(6)
+    check_filled(text, 'text', 4000)
+    note = {'id': secrets.token_urlsafe(6), 'date': date, 'text': text, 'created_at': now_ms()}
     with transaction():
         db.execute('INSERT INTO notes (id, family_id, date, text, created_at) VALUES (?, ?, ?, ?, ?)',
-                   (note_id, family_id, date, text, now_ms()))
-    return note_dict(one('SELECT * FROM notes WHERE id = ?', note_id))
+                   (note['id'], family_id, date, text, note['created_at']))
+    return note
 
 
 def list_notes(family_id, since=0):
     """Return the family's coaching notes written at or after `since` (ms), newest first."""
-    found = rows('SELECT * FROM notes WHERE family_id = ? AND created_at >= ? ORDER BY created_at DESC, id DESC',
-                 family_id, since)
-    return [note_dict(r) for r in found]
+    return [dict(r) for r in rows("""SELECT id, date, text, created_at FROM notes
+                                     WHERE family_id = ? AND created_at >= ? ORDER BY created_at DESC, id DESC""",
+                                  family_id, since)]
 
 
 def delete_note(family_id, note_id):
@@ -749,8 +750,7 @@ def family_changes(family_id):
 
 
 def deleted_entries(family_id, now, days=30):
-    """Return the family's entries deleted in the last `days` days (server time), newest first, each with
-    `restore_seq`: its last version that was not deleted."""
+    """Return the entries deleted in the last `days` days, newest first, with `restore_seq`: their last live version."""
     found = db.execute("""SELECT e.*, (SELECT MAX(seq) FROM changes WHERE entry_id = e.id AND NOT deleted) AS restore_seq
                           FROM entries e JOIN changes c ON c.seq = e.seq
                           WHERE e.family_id = ? AND e.deleted AND c.at >= ? ORDER BY e.seq DESC""",
@@ -874,10 +874,7 @@ def apply_entry(family_id, action, message, by, now=None):
 
 
 def restore_entry(family_id, entry_id, seq, by, now=None):
-    """Make version `seq` of one of the family's entries current again, as a new write by `by`.
-
-    Returns apply_entry's answer, or None when the entry has no such version in this family.
-    """
+    """Make version `seq` of an entry current again, written by `by`: apply_entry's answer, or None."""
     version = one('SELECT * FROM changes WHERE seq = ? AND entry_id = ? AND family_id = ?',
                   seq, entry_id, family_id) if 0 < seq < 2 ** 63 else None
     if version is None:
@@ -994,17 +991,13 @@ def csv_rows(text, columns):
 
 
 def import_entries(family, text, now, skipped):
-    """Yield every entry of an import file, validated and ready for apply_entry ('add'); count the rows
-    left out in `skipped`, by what they were. Raises Invalid naming the line of the first problem.
-
-    Holds nothing but the text, so a 5 MiB file is read twice (check, then store) instead of being
-    held as ~100,000 entries; gives the event loop a turn every 500 rows (never inside a transaction).
-    """
+    """Yield an import file's entries, validated; count skipped rows by kind; Invalid names the line."""
+    # Holds only the text: a 5 MiB file is read twice (check, then store) rather than held as ~100,000 entries.
     header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', text.lstrip())[0].split(',')}
     rows = huckleberry_rows(text, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(text)
     for number, (where, source_id, made) in enumerate(rows):
         if number % 500 == 499:
-            gevent.sleep(0)
+            gevent.sleep(0)  # the event loop's turn (never inside a transaction)
         if isinstance(made, str):
             skipped[made] = skipped.get(made, 0) + 1
             continue
@@ -1225,6 +1218,12 @@ def night_bounds(family, date):
             wall_clock(following, family['night_end'], tz))
 
 
+def asleep_labels(config):
+    """Return the labels of the stateful sleep group's buttons that count as asleep."""
+    group = next((g for g in config if g['category'] == 'sleep' and g.get('stateful')), {'buttons': []})
+    return [b['label'] for b in group['buttons'] if b.get('counted')]
+
+
 def night_report(family, days=14, end=None, now=None):
     """Return the family's days and nights up to `end`, oldest first (CONTRACT section 8): one query for the range."""
     now, tz, hour = now_ms() if now is None else now, family['tz'], 3600 * 1000
@@ -1236,8 +1235,7 @@ def night_report(family, days=14, end=None, now=None):
     dates = [end - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
     bounds = [night_bounds(family, date) for date in dates]
     start, stop = min(bounds[0][0], bounds[0][1] - 3 * hour), bounds[-1][2] + 3 * hour
-    group = next((g for g in get_config(family['id']) if g['category'] == 'sleep' and g.get('stateful')), {'buttons': []})
-    counted, runs = {b['label'] for b in group['buttons'] if b.get('counted')}, []  # runs: [since, end, asleep, closed]
+    counted, runs = set(asleep_labels(get_config(family['id']))), []  # runs: [since, end, asleep, closed]
     for ts, value, until in db.execute("""
             SELECT ts, value, LEAD(ts) OVER (ORDER BY ts, id) FROM entries
             WHERE family_id = ? AND type = 'sleep' AND NOT deleted AND ts < ?
@@ -1326,8 +1324,7 @@ def family_flags(families, now):
            FROM entries e WHERE e.family_id = n.family_id AND e.type = 'sleep' AND NOT e.deleted AND e.ts <= :now
            ORDER BY e.ts DESC LIMIT 1) AS state
         FROM nights n JOIN families f ON f.id = n.family_id LEFT JOIN expiring x ON x.family_id = n.family_id""",
-        {'windows': json.dumps(windows), 'now': now, 'default_counted': json.dumps(
-            [b['label'] for g in DEFAULT_CONFIG if g['category'] == 'sleep' for b in g['buttons'] if b.get('counted')])})
+        {'windows': json.dumps(windows), 'now': now, 'default_counted': json.dumps(asleep_labels(DEFAULT_CONFIG))})
     flags = {}
     for row in found:
         family, said = active[row['family_id']], []
@@ -1336,8 +1333,9 @@ def family_flags(families, now):
             said.append(('quiet', 'No entries yet' if hours is None else f'No entries for {hours} h' if hours < 48
                          else f'No entries for {hours // 24} days'))
         plan = json.loads(row['plan']) if row['plan'] else None
-        minutes, of = round((row['asleep_ms'] or 0) / 60000), lambda clock: int(clock[:2]) * 60 + int(clock[3:])
-        short = minutes <= (of(plan['wake']) - of(plan['bedtime'])) % 1440 - 60 if plan else minutes < 600
+        minutes = round((row['asleep_ms'] or 0) / 60000)
+        planned = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 if plan else None
+        short = minutes <= planned - 60 if plan else minutes < 600
         if minutes and short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
             said.append(('short_night', f'Short night: {hm(minutes)}'))
         if (row['wakings'] or 0) >= 3:
@@ -1385,19 +1383,13 @@ _DUMMY_HASH = None
 
 
 def ensure_admin(username=ADMIN_USER, password=ADMIN_PASS):
-    """Make `username` the one admin, with `password` when given (a new one ends every session);
-    return a generated password when one was made."""
-    generated, admin = None, one('SELECT * FROM admins WHERE username = ?', username)
-    if password:
-        if admin and (admin['password_hash'] == password or password_matches(password, admin['password_hash'])):
-            password_hash = admin['password_hash']  # unchanged: sessions stay
-        else:
-            password_hash = password if password.startswith('$2') else hash_password(password)
-    elif admin:
-        password_hash = admin['password_hash']
-    else:
-        generated = secrets.token_urlsafe(12)
-        password_hash = hash_password(generated)
+    """Make `username` the one admin, with `password` if given (a new one ends sessions); return one made up, if any."""
+    admin, generated = one('SELECT * FROM admins WHERE username = ?', username), None
+    password_hash = admin['password_hash'] if admin else None  # kept when unchanged: sessions stay
+    if not (password or admin):
+        password = generated = secrets.token_urlsafe(12)
+    if password and not (admin and (password == password_hash or password_matches(password, password_hash))):
+        password_hash = password if password.startswith('$2') else hash_password(password)
     with transaction():
         if not admin or password_hash != admin['password_hash']:
             db.execute('DELETE FROM admin_sessions')
@@ -1483,6 +1475,21 @@ class RateLimiter:
 
 
 login_limiter = RateLimiter(LOGIN_FAILURES, LOGIN_WINDOW)
+
+
+def log_in(address, username, password):
+    """Return (a new session token, None) for the admin's credentials, else (None, (status, message, headers))."""
+    if seconds := login_limiter.retry_after(address):
+        minutes = math.ceil(seconds / 60)
+        return None, (429, f"Too many failed logins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.",
+                      {'Retry-After': str(seconds)})
+    login_limiter.fail(address)  # counted before bcrypt runs, so parallel guesses count too
+    admin = authenticate(username, password)
+    if admin is None:
+        stats['login_failures'] += 1
+        return None, (401, 'Wrong username or password.', {})
+    login_limiter.forgive(address)
+    return create_session(admin['id']), None
 
 
 ###############################################################################
@@ -2230,28 +2237,16 @@ def admin_login():
     if is_form and not same_origin(request.environ):
         bottle.abort(403, 'Log in from this site.')
     data = form_or_json()
-    username, password = data.get('username'), data.get('password')
-    address = client_address()
-
-    def refuse(status, message, **headers):
-        if is_form:
-            response.status = status
-            for name, value in headers.items():
-                response.set_header(name, value)
-            return page('login', error=message, username_value=username if isinstance(username, str) else '')
-        raise bottle.HTTPError(status, message, **headers)
-
-    if seconds := login_limiter.retry_after(address):
-        minutes = math.ceil(seconds / 60)
-        return refuse(429, f"Too many failed logins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.",
-                      Retry_After=str(seconds))
-    login_limiter.fail(address)  # counted before bcrypt runs, so parallel guesses count too
-    admin = authenticate(username, password)
-    if admin is None:
-        stats['login_failures'] += 1
-        return refuse(401, 'Wrong username or password.')
-    login_limiter.forgive(address)
-    response.set_cookie(ADMIN_COOKIE, create_session(admin['id']), path='/admin', httponly=True,
+    token, refused = log_in(client_address(), data.get('username'), data.get('password'))
+    if refused and not is_form:
+        raise bottle.HTTPError(refused[0], refused[1], **refused[2])
+    if refused:
+        username = data.get('username')
+        response.status = refused[0]
+        for name, value in refused[2].items():
+            response.set_header(name, value)
+        return page('login', error=refused[1], username_value=username if isinstance(username, str) else '')
+    response.set_cookie(ADMIN_COOKIE, token, path='/admin', httponly=True,
                         samesite='strict', secure=SECURE_COOKIES, max_age=SESSION_DAYS * 86400)
     if is_form:
         redirect('/admin', 303)
@@ -2262,7 +2257,7 @@ def admin_login():
 def admin_logout():
     """End the session and clear its cookie."""
     if not sends_json():
-        form_or_json()  # checks the CSRF token
+        form_body()  # checks the CSRF token
     end_session(request.get_cookie(ADMIN_COOKIE))
     response.delete_cookie(ADMIN_COOKIE, path='/admin')
     if wants_json():
@@ -2315,6 +2310,50 @@ def admin_families_create():
     return family
 
 
+# What an admin change does, whichever route asked: store it, then the family's devices hear of it at once.
+
+def change_family(family_id, changes):
+    """Apply changes to a family and return it; archiving closes its sockets (its links stop working at once)."""
+    family = update_family(family_id, changes)
+    if family['archived']:
+        hub.close_family(family_id)
+    return family
+
+
+def revoke_and_close(family_id, token):
+    """Revoke a link and close its sockets; return False when the family has no such live link."""
+    if revoked := revoke_link(family_id, token):
+        hub.close_link(token)
+    return revoked
+
+
+def push_config(family_id, groups):
+    """Store the family's button groups and push them to its devices; return them."""
+    hub.broadcast(family_id, {'type': 'config', 'data': save_config(family_id, groups)})
+    return groups
+
+
+def push_plan(family_id, plan):
+    """Store the family's plan (None clears it) and push it to its devices; return it."""
+    plan = save_plan(family_id, plan)
+    hub.broadcast(family_id, {'type': 'plan', 'plan': plan})
+    return plan
+
+
+def push_note(family_id, date, text):
+    """Write a coaching note and push it to the family's devices; return it."""
+    note = create_note(family_id, date, text)
+    hub.broadcast(family_id, {'type': 'note', 'note': note})
+    return note
+
+
+def drop_note(family_id, note_id):
+    """Delete a coaching note and tell the family's devices; return False when it has no such note."""
+    if deleted := delete_note(family_id, note_id):
+        hub.broadcast(family_id, {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
+    return deleted
+
+
 @app.get('/admin/families/<family_id>')
 @admin_required
 def admin_family_show(family_id):
@@ -2334,10 +2373,7 @@ def admin_family_show(family_id):
 def admin_family_update(family_id):
     """Change a family's name, notes, time zone or archived flag."""
     family_or_404(family_id)
-    family = update_family(family_id, json_body())
-    if family['archived']:
-        hub.close_family(family_id)
-    return family
+    return change_family(family_id, json_body())
 
 
 @app.put('/admin/families/<family_id>/config')
@@ -2348,9 +2384,7 @@ def admin_config_put(family_id):
     data = json_body()
     if 'data' not in data:
         bottle.abort(400, 'Send {"data": [button groups]}.')
-    save_config(family_id, data['data'])
-    hub.broadcast(family_id, {'type': 'config', 'data': data['data']})
-    return {'data': data['data']}
+    return {'data': push_config(family_id, data['data'])}
 
 
 @app.put('/admin/families/<family_id>/plan')
@@ -2359,9 +2393,7 @@ def admin_plan_put(family_id):
     """Store the family's plan ({"plan": null} clears it) and push it to its devices."""
     family_or_404(family_id)
     data = json_body()
-    plan = save_plan(family_id, data['plan'] if 'plan' in data else data)
-    hub.broadcast(family_id, {'type': 'plan', 'plan': plan})
-    return plan or {'plan': None}
+    return push_plan(family_id, data['plan'] if 'plan' in data else data) or {'plan': None}
 
 
 @app.get('/admin/families/<family_id>/notes')
@@ -2380,10 +2412,8 @@ def admin_notes_create(family_id):
     """Write a coaching note and push it to the family's devices."""
     family_or_404(family_id)
     data = json_body()
-    note = create_note(family_id, data.get('date'), data.get('text'))
-    hub.broadcast(family_id, {'type': 'note', 'note': note})
     response.status = 201
-    return note
+    return push_note(family_id, data.get('date'), data.get('text'))
 
 
 @app.delete('/admin/families/<family_id>/notes/<note_id>')
@@ -2391,9 +2421,8 @@ def admin_notes_create(family_id):
 def admin_notes_delete(family_id, note_id):
     """Delete a coaching note and tell the family's devices."""
     family_or_404(family_id)
-    if not delete_note(family_id, note_id):
+    if not drop_note(family_id, note_id):
         bottle.abort(404, 'No such note.')
-    hub.broadcast(family_id, {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
     response.status = 204
     return ''
 
@@ -2442,9 +2471,8 @@ def admin_links_create(family_id):
 def admin_links_revoke(family_id, token):
     """Revoke a share link and close its sockets."""
     family_or_404(family_id)
-    if not revoke_link(family_id, token):
+    if not revoke_and_close(family_id, token):
         bottle.abort(404, 'No such link.')
-    hub.close_link(token)
     response.status = 204
     return ''
 
@@ -2512,11 +2540,10 @@ def planned_minutes(plan):
     """Return the plan's sleep as (first minute, minutes) on the wall clock: the night from bedtime to wake, the naps."""
     if not plan:
         return []
-    minute = lambda hhmm: int(hhmm[:2]) * 60 + int(hhmm[3:])
-    wake, bed = minute(plan['wake']), minute(plan['bedtime'])
+    wake, bed = day_minute(plan['wake']), day_minute(plan['bedtime'])
     night = [(0, wake), (bed, 1440 - bed)] if bed > wake else [(bed, wake - bed)]
     return [(start, length) for start, length in night if length] + [
-        (minute(n['start']), minute(n['end']) - minute(n['start'])) for n in plan['naps']]
+        (day_minute(n['start']), day_minute(n['end']) - day_minute(n['start'])) for n in plan['naps']]
 
 
 def within(spans, start, length):
@@ -2546,15 +2573,13 @@ def nights_table(family, end, now):
 
 def family_page(family, date_text, errors=None, typed=None):
     """Return what the family page shows for one date (a refused form: its message and what was typed)."""
-    tz, now, hour_ms = family['tz'], now_ms(), 3600 * 1000
+    tz, now = family['tz'], now_ms()
     date = parse_date(date_text, tz)
     summary, config, chart = day_summary(family, date, now), get_config(family['id']), sleep_chart(family, date, now)
     gevent.idle()  # the page renders in a slice of its own
+    slept = [(s['start'], s['end'] - s['start']) for s in summary['spans'] if s['category'] == 'sleep' and s['counted']]
     for hour in summary['hours']:  # the sleep inside each hour, as (first minute, minutes)
-        begin, top = hour['start'], hour['start'] + hour_ms
-        hour['sleep'] = [((max(s['start'], begin) - begin) / 60000, (min(s['end'], top) - max(s['start'], begin)) / 60000)
-                         for s in summary['spans'] if s['category'] == 'sleep' and s['counted']
-                         and s['start'] < top and s['end'] > begin]
+        hour['sleep'] = [(start / 60000, length / 60000) for start, length in within(slept, hour['start'], 3600_000)]
     plan, notes = get_plan(family['id']), list_notes(family['id'])
     form = {'name': family['name'], 'notes': family['notes'], 'tz': tz, 'night_start': family['night_start'],
             'night_end': family['night_end'], 'label': '', 'expires': 'never', 'expires_on': '',
@@ -2586,13 +2611,13 @@ def admin_family_add():
     redirect(f"/admin/families/{family['id']}", 303)
 
 
-def family_form(family_id, section, act):
-    """Run one form of the family page: act(family, form), then back to the page with 303;
-    an Invalid shows the page again (400) with the message beside that form and what was typed."""
+def family_form(family_id, section, act, gone=None):
+    """Run act(family, form) for a family page form, then 303 back; Invalid: the page again, as typed."""
     family = family_or_404(family_id)
     data = form_body()  # the JSON API has its own routes for all of this
     try:
-        act(family, data)
+        if act(family, data) is False:  # what it would change was already gone (a second click, an old page)
+            raise Invalid(gone)
     except Invalid as error:
         response.status = 400
         return page('family', **family_page(family, None, {section: str(error)}, data))
@@ -2603,12 +2628,9 @@ def family_form(family_id, section, act):
 @admin_required
 def admin_family_edit(family_id):
     """The family page's details form (name, notes, time zone, night window) and its Archive / Unarchive button."""
-    def edit(family, data):
-        changes = {key: data[key] for key in ('name', 'notes', 'tz', 'night_start', 'night_end') if key in data}
-        if 'archived' in data:
-            changes['archived'] = data['archived'] == '1'
-        if update_family(family['id'], changes)['archived']:
-            hub.close_family(family['id'])  # archiving: its links stop working at once
+    def edit(family, data):  # the Archive / Unarchive button sends archived=1 / 0
+        change_family(family_id, {key: data[key] == '1' if key == 'archived' else data[key]
+                                  for key in FAMILY_FIELDS if key in data})
     return family_form(family_id, 'details', edit)
 
 
@@ -2633,11 +2655,8 @@ def admin_links_form(family_id):
 @admin_required
 def admin_links_revoke_form(family_id, token):
     """The family page's Revoke button: the link stops working and its sockets close."""
-    def revoke(family, data):
-        if not revoke_link(family['id'], token):
-            raise Invalid('That link was already revoked.')
-        hub.close_link(token)
-    return family_form(family_id, 'links', revoke)
+    return family_form(family_id, 'links', lambda family, data: revoke_and_close(family_id, token),
+                       gone='That link was already revoked.')
 
 
 @app.post('/admin/families/<family_id>/config')
@@ -2651,7 +2670,7 @@ def admin_config_form(family_id):
             raise Invalid(f'This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).') from None
         except RecursionError:
             raise Invalid('This JSON is nested too deeply.') from None
-        hub.broadcast(family['id'], {'type': 'config', 'data': save_config(family['id'], groups)})
+        push_config(family['id'], groups)
     return family_form(family_id, 'config', store)
 
 
@@ -2659,10 +2678,8 @@ def admin_config_form(family_id):
 @admin_required
 def admin_buttons_form(family_id):
     """The family page's button editor (no JSON): checked like the JSON, stored and pushed to the family's devices."""
-    def store(family, data):
-        groups = save_config(family['id'], editor_config(editor_typed(data)))
-        hub.broadcast(family['id'], {'type': 'config', 'data': groups})
-    return family_form(family_id, 'buttons', store)
+    return family_form(family_id, 'buttons',
+                       lambda family, data: push_config(family_id, editor_config(editor_typed(data))))
 
 
 @app.post('/admin/families/<family_id>/plan')
@@ -2673,7 +2690,7 @@ def admin_plan_form(family_id):
         plan = None if 'clear' in data else {'wake': data.get('wake', ''), 'bedtime': data.get('bedtime', ''), 'naps': [
             {'start': data.get(f'nap{n}_start', ''), 'end': data.get(f'nap{n}_end', '')} for n in range(1, 6)
             if data.get(f'nap{n}_start') or data.get(f'nap{n}_end')]}
-        hub.broadcast(family['id'], {'type': 'plan', 'plan': save_plan(family['id'], plan)})
+        push_plan(family['id'], plan)
     return family_form(family_id, 'plan', store)
 
 
@@ -2681,21 +2698,16 @@ def admin_plan_form(family_id):
 @admin_required
 def admin_notes_form(family_id):
     """The family page's note form: a date and the text; the note reaches the family's devices at once."""
-    def write(family, data):
-        note = create_note(family['id'], data.get('date', ''), data.get('text', ''))
-        hub.broadcast(family['id'], {'type': 'note', 'note': note})
-    return family_form(family_id, 'notes', write)
+    return family_form(family_id, 'notes',
+                       lambda family, data: push_note(family_id, data.get('date', ''), data.get('text', '')))
 
 
 @app.post('/admin/families/<family_id>/notes/<note_id>/delete')
 @admin_required
 def admin_notes_delete_form(family_id, note_id):
     """The Delete button beside a coaching note."""
-    def remove(family, data):
-        if not delete_note(family['id'], note_id):
-            raise Invalid('That note was already deleted.')
-        hub.broadcast(family['id'], {'type': 'note', 'note': {'id': note_id, 'deleted': True}})
-    return family_form(family_id, 'notes', remove)
+    return family_form(family_id, 'notes', lambda family, data: drop_note(family_id, note_id),
+                       gone='That note was already deleted.')
 
 
 def export_slices(family_id, size=250):
@@ -2792,9 +2804,9 @@ def admin_entry_restore(family_id, entry_id):
     """Make an older version current again (by = the admin), pushed to the family's devices like any change."""
     family_or_404(family_id)
     data = form_or_json()
-    seq = data.get('seq')
-    answer = restore_entry(family_id, entry_id, check_int(int(seq) if isinstance(seq, str) and seq.isdigit() else seq,
-                                                          'seq'), request.environ['babytrackd.session']['username'])
+    seq = data.get('seq')  # a number in JSON, digits in a form
+    seq = int(seq) if isinstance(seq, str) and seq.isdigit() else check_int(seq, 'seq')
+    answer = restore_entry(family_id, entry_id, seq, request.environ['babytrackd.session']['username'])
     if answer is None:
         bottle.abort(404, 'This entry has no such version in this family.')
     outcome, action, entry = answer
