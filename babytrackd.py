@@ -534,14 +534,30 @@ ENTRY_JSON = """json_object('id', id, 'ts', ts, 'type', type, 'value', value,
     'deleted', json(CASE WHEN deleted THEN 'true' ELSE 'false' END), 'updated_at', updated_at, 'seq', seq, 'by', by)"""
 
 
-def entries_json(family_id, since=0):
-    """Return, as a JSON array, the live entries (since=0) or every change after seq `since`."""
+def entries_json(family_id, since=0, after=None):
+    """Return, as a JSON array, every change after seq `since`, or the live entries: all of them, or
+    (CONTRACT section 12) those at or after ms `after` plus each stateful category's state then."""
     if since:
         found = db.execute(f'SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND seq > ? ORDER BY seq',
                            (family_id, since))
+    elif after is not None:
+        found = db.execute(f"""SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND NOT deleted AND ts >= ?
+                               ORDER BY ts DESC, id""", (family_id, after)).fetchall()
+        for group in get_config(family_id):
+            if group.get('stateful'):
+                found += db.execute(f"""SELECT {ENTRY_JSON} FROM entries
+                                        WHERE family_id = ? AND type = ? AND NOT deleted AND ts < ?
+                                        ORDER BY ts DESC, id DESC LIMIT 1""", (family_id, group['category'], after))
     else:
         found = db.execute(f'SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND NOT deleted ORDER BY ts DESC, id',
                            (family_id,))
+    return '[' + ','.join(row[0] for row in found) + ']'
+
+
+def entries_between(family_id, start, end):
+    """Return, as a JSON array, the live entries with start <= ts < end, oldest first."""
+    found = db.execute(f"""SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ?
+                           ORDER BY ts, id""", (family_id, start, end))
     return '[' + ','.join(row[0] for row in found) + ']'
 
 
@@ -1208,8 +1224,8 @@ def refusal(error, message):
     return json.dumps(reply)
 
 
-def serve_socket(ws, link, since):
-    """Run one device's connection from init to goodbye."""
+def serve_socket(ws, link, since, after=None):
+    """Run one device's connection from init to goodbye (`after`: the first load's window start, ms)."""
     peer = hub.join(ws, link)
     family_id = peer.family_id
     log.info('socket open family=%s', family_id)
@@ -1217,7 +1233,7 @@ def serve_socket(ws, link, since):
         members = hub.members(family_id)
         rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': family_cursor(family_id)},
                           separators=(',', ':'))
-        peer.send(f'{{"type":"init","entries":{entries_json(family_id, since)},{rest[1:]}')
+        peer.send(f'{{"type":"init","entries":{entries_json(family_id, since, after)},{rest[1:]}')
         presence = json.dumps({'type': 'presence', 'members': members})
         for other in hub.peers(family_id):
             if other is not peer:
@@ -1356,7 +1372,7 @@ def error_handler(error):
         message = 'Something went wrong on the server. Please try again.'
     else:
         message = error.body if isinstance(error.body, str) and error.body else error.status_line
-    if wants_json() or request.path.startswith(('/ws', '/app/me', '/health')):
+    if wants_json() or request.path.startswith(('/ws', '/app/me', '/app/entries', '/health')):
         response.content_type = 'application/json'
         return json.dumps({'error': message})
     return page('message', title=error.status_line, message=message)
@@ -1442,9 +1458,8 @@ def app_shell():
     return app_file('index.html')
 
 
-@app.get('/app/me')
-def app_me():
-    """Tell the parents' app which family its link cookie opens (or why it no longer does)."""
+def cookie_link():
+    """Return (link, None) for the request's link cookie, else (None, the answer refusing it)."""
     token = request.get_cookie(LINK_COOKIE)
     if not token:
         bottle.abort(401, 'Open the link your consultant sent you.')
@@ -1452,9 +1467,31 @@ def app_me():
     if problem:
         status, reason, message = problem
         response.status = status
-        return {'error': message, 'reason': reason}
+        return None, {'error': message, 'reason': reason}
+    return link, None
+
+
+@app.get('/app/me')
+def app_me():
+    """Tell the parents' app which family its link cookie opens (or why it no longer does)."""
+    link, refused = cookie_link()
+    if refused:
+        return refused
     return {'family': {'id': link['family_id'], 'name': link['family_name'], 'tz': link['tz']},
             'label': link['label'], 'expires_at': link['expires_at']}
+
+
+@app.get('/app/entries')
+def app_entries():
+    """Older days for the parents' app (CONTRACT section 12): live entries in [before - days, before)."""
+    link, refused = cookie_link()
+    if refused:
+        return refused
+    before, days = request.query.get('before', ''), request.query.get('days', '')
+    if not re.fullmatch('[0-9]{1,15}', before) or not re.fullmatch('[0-9]{1,2}', days) or not 1 <= int(days) <= 31:
+        bottle.abort(400, 'before must be a time in ms and days a whole number from 1 to 31.')
+    response.content_type = 'application/json'
+    return f'{{"entries":{entries_between(link["family_id"], int(before) - int(days) * 86400000, int(before))}}}'
 
 
 @app.get('/app/<path:path>')
@@ -1485,6 +1522,9 @@ def ws_link(environ):
     since = req.query.get('since', '0')
     if not since.isdigit() or len(since) > 18:
         return None, (400, 'since must be a whole number.')
+    days = req.query.get('days')
+    if days is not None and not (re.fullmatch('[0-9]{1,3}', days) and 1 <= int(days) <= 366):
+        return None, (400, 'days must be a whole number from 1 to 366.')
     return link, None
 
 
@@ -1503,7 +1543,10 @@ def ws_sync():
     ws, link = request.environ.get('wsgi.websocket'), request.environ.get('babytrackd.link')
     if ws is None or link is None:
         bottle.abort(*request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.'))
-    serve_socket(ws, link, int(request.query.get('since', '0')))
+    since, days = int(request.query.get('since', '0')), request.query.get('days')
+    tz = link['tz']
+    after = None if since or days is None else day_window(local_today(tz) - dt.timedelta(days=int(days) - 1), tz)[0]
+    serve_socket(ws, link, since, after)
     return ''
 
 
