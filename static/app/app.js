@@ -14,7 +14,8 @@
  *
  * Chapters, each using only those above it:
  *   State · Time · Index · Storage · Sync · Rendering · Events · Boot
- * (Sync asks for a render through `render()`, which Rendering defines as a deferred call.)
+ * (Sync draws through Rendering's `render()`, one deferred render per frame for what arrives, and
+ * `renderNow()` for a person's own action, shown in the same task.)
  * All text from the server (family name, labels, values) reaches the page through textContent.
  */
 'use strict';
@@ -91,13 +92,18 @@ function cleanConfig(data) {
 // ---------------------------------------------------------------------------------------------
 
 const partsFormats = new Map();
+const clockFormats = new Map();
+const knownZones = new Map();   // zone name -> whether this browser knows it
 
 function familyTz() {
   const tz = state.family && state.family.tz;
-  try {
-    if (tz) { new Intl.DateTimeFormat('en', {timeZone: tz}); return tz; }
-  } catch (e) { /* an unknown zone: fall back to UTC */ }
-  return 'UTC';
+  if (tz && !knownZones.has(tz)) {
+    try {
+      clockFormats.set(tz, new Intl.DateTimeFormat(undefined, {timeZone: tz, hour: 'numeric', minute: '2-digit'}));
+      knownZones.set(tz, true);
+    } catch (e) { knownZones.set(tz, false); }   // an unknown zone: fall back to UTC
+  }
+  return tz && knownZones.get(tz) ? tz : 'UTC';
 }
 
 /** Wall-clock fields of instant `ms` in zone `tz`. */
@@ -142,8 +148,9 @@ function dayBounds(tz, ms) {
 }
 
 function clockText(ms) {
-  return new Intl.DateTimeFormat(undefined, {timeZone: familyTz(), hour: 'numeric', minute: '2-digit'})
-    .format(ms);
+  const tz = familyTz();
+  if (!clockFormats.has(tz)) clockFormats.set(tz, new Intl.DateTimeFormat(undefined, {timeZone: tz, hour: 'numeric', minute: '2-digit'}));
+  return clockFormats.get(tz).format(ms);
 }
 
 function durationText(ms) {
@@ -164,14 +171,6 @@ function daysBefore(ms, back) {
   return instantOf(familyTz(), d.getUTCFullYear(), d.getUTCMonth() + 1, d.getUTCDate());
 }
 
-function dayName(start, now) {
-  const today = dayBounds(familyTz(), now).start;
-  if (start === today) return 'Today';
-  if (start === daysBefore(now, 1)) return 'Yesterday';
-  return new Intl.DateTimeFormat(undefined, {timeZone: familyTz(), weekday: 'short', day: 'numeric', month: 'short'})
-    .format(start);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Index: what the screen needs, kept up to date as entries arrive, so nothing walks them all
 // ---------------------------------------------------------------------------------------------
@@ -183,15 +182,25 @@ let indexedTz = '';
 
 const later = (a, b) => a.ts > b.ts || (a.ts === b.ts && a.id > b.id);
 
-/** The start of the local day that holds instant `ms` (a few Intl calls per day, then a lookup). */
-function dayOf(ms) {
+/** The local day {start, end} that holds instant `ms` (a few Intl calls per day, then a lookup). */
+function dayAround(ms) {
   const key = Math.floor(ms / DAY_MS);
   let ranges = dayCache.get(key);
   if (!ranges) dayCache.set(key, ranges = []);
-  for (const r of ranges) if (ms >= r.start && ms < r.end) return r.start;
+  for (const r of ranges) if (ms >= r.start && ms < r.end) return r;
   const r = dayBounds(familyTz(), ms);
   ranges.push(r);
-  return r.start;
+  return r;
+}
+
+const dayOf = (ms) => dayAround(ms).start;
+
+function dayName(start, now) {
+  const today = dayOf(now);
+  if (start === today) return 'Today';
+  if (start === dayOf(today - 1)) return 'Yesterday';
+  return new Intl.DateTimeFormat(undefined, {timeZone: familyTz(), weekday: 'short', day: 'numeric', month: 'short'})
+    .format(start);
 }
 
 /** Put an entry (from the server, IndexedDB or a tap) into memory and the indexes. */
@@ -367,6 +376,20 @@ function save(change) {
   });
 }
 
+/** Store many entries a slice at a time, each in its own task, so a load never holds the page for
+ *  long; each slice writes the entry as it is in memory then (a newer echo is never overwritten). */
+let storing = 0;   // slices still being stored: the cursor waits for them
+
+async function saveMany(entries, last) {
+  storing += 1;
+  for (let i = 0; i < entries.length; i += 100) {
+    await new Promise((resolve) => setTimeout(resolve));
+    save({entries: entries.slice(i, i + 100).map((e) => state.entries.get(e.id) || e)});
+  }
+  storing -= 1;
+  return save({...last, meta: {...last.meta, ...(storing ? {} : {cursor: state.cursor})}});
+}
+
 function restore({meta, entries, outbox, parked}) {
   state.family = meta.family || null;
   state.me = meta.me || null;
@@ -405,7 +428,7 @@ function change(entry) {
   const item = {entry: wireFields(entry), base: queued ? queued.base : prev || null, queued_at: queued ? queued.queued_at : Date.now()};
   putEntry(entry);
   state.outbox.set(entry.id, item);
-  render();
+  renderNow();    // a person's own action shows in the same task
   save({entries: [entry], outbox: [item]}).then(pump);
 }
 
@@ -469,8 +492,8 @@ function onInit(msg) {
   state.members = Array.isArray(msg.members) ? msg.members : [];
   state.ready = true;
   retries = 0;
-  save({entries: stored, unqueue: stored.map((e) => e.id),
-    meta: {cursor: state.cursor, config: state.config, loadedFrom: state.loadedFrom}});
+  // The cursor is stored after the entries it covers.
+  saveMany(stored, {unqueue: stored.map((e) => e.id), meta: {config: state.config, loadedFrom: state.loadedFrom}});
   renderButtons();
   render();
   pump();
@@ -482,7 +505,7 @@ function onMessage(msg) {
   if (msg.type === 'entry' && msg.entry) {
     const stored = applyRemote(msg.entry, msg.stale === true);
     advanceCursor(msg.entry.seq);
-    save({entries: stored ? [stored] : [], unqueue: stored ? [stored.id] : [], meta: {cursor: state.cursor}});
+    save({entries: stored ? [stored] : [], unqueue: stored ? [stored.id] : [], meta: storing ? {} : {cursor: state.cursor}});
     render();
     pump();
   } else if (msg.type === 'config') {
@@ -693,7 +716,7 @@ async function loadOlder() {
   }
   state.loadedFrom = before - count * DAY_MS;
   state.older = '';
-  save({entries: stored, meta: {loadedFrom: state.loadedFrom}});
+  saveMany(stored, {meta: {loadedFrom: state.loadedFrom}});
   render();
   loadOlder();    // the shown day may lie further back still
 }
@@ -794,8 +817,7 @@ function renderStates(now) {
 }
 
 function shownDay(now) {
-  const start = state.shown || dayOf(now);
-  return {start, end: dayBounds(familyTz(), start).end};
+  return dayAround(state.shown || now);
 }
 
 function renderTotals({start, end}, list, now) {
@@ -955,8 +977,9 @@ let renderPending = false;
 function render() {
   if (renderPending) return;
   renderPending = true;
-  requestAnimationFrame(renderNow);
-  setTimeout(renderNow, 250);   // a hidden page gets no animation frames
+  const due = () => { if (renderPending) renderNow(); };
+  requestAnimationFrame(due);
+  setTimeout(due, 250);   // a hidden page gets no animation frames
 }
 
 function renderNow() {
@@ -970,11 +993,13 @@ function renderNow() {
   renderBanner();
   renderSync();
   renderStates(now);
-  const day = shownDay(now);
-  const list = dayEntries(day.start);
-  renderTotals(day, list, now);
-  renderDay(now);
-  renderLog(list);
+  if (state.family) {   // a fresh phone's first paint needs no time zone work (its first use is slow)
+    const day = shownDay(now);
+    const list = dayEntries(day.start);
+    renderTotals(day, list, now);
+    renderDay(now);
+    renderLog(list);
+  }
   renderMembers();
   document.documentElement.classList.add('shown');
 }
@@ -1051,7 +1076,7 @@ function showDay(step) {
   state.shown = next >= dayOf(now) ? 0 : next;
   state.editing = null;
   state.older = '';
-  render();
+  renderNow();
   loadOlder();
 }
 
@@ -1074,12 +1099,12 @@ function saveTime(id, value) {
   const ts = e && editedTime(e, value);
   state.editing = null;
   if (e && ts !== null && ts !== e.ts) change({...e, ts});
-  else render();
+  else renderNow();
 }
 
 function toggleEditor(id) {
   state.editing = state.editing === id ? null : id;
-  render();
+  renderNow();
 }
 
 function setNursery(on) {
