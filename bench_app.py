@@ -104,6 +104,8 @@ def run_lighthouse(url, runs):
                            env=dict(os.environ, CHROME_PATH=CHROMIUM), check=True, timeout=300)
             with open(path) as f:
                 report = json.load(f)
+            if os.environ.get('LIGHTHOUSE_KEEP'):   # a copy of each report, to read its audits
+                shutil.copy(path, f"{os.environ['LIGHTHOUSE_KEEP']}.{n}.json")
             failed = [a['id'] for a in report['audits'].values()
                       if a.get('score') == 0 and a['id'] in A11Y_IDS(report)]
             results.append({'performance': round(report['categories']['performance']['score'] * 100),

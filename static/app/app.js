@@ -382,9 +382,9 @@ let storing = 0;   // slices still being stored: the cursor waits for them
 
 async function saveMany(entries, last) {
   storing += 1;
-  for (let i = 0; i < entries.length; i += 100) {
+  for (let i = 0; i < entries.length; i += 25) {
     await new Promise((resolve) => setTimeout(resolve));
-    save({entries: entries.slice(i, i + 100).map((e) => state.entries.get(e.id) || e)});
+    save({entries: entries.slice(i, i + 25).map((e) => state.entries.get(e.id) || e)});
   }
   storing -= 1;
   return save({...last, meta: {...last.meta, ...(storing ? {} : {cursor: state.cursor})}});
