@@ -340,3 +340,67 @@ def test_the_app_in_both_themes_and_janes_pages_have_no_serious_accessibility_vi
         expect(jane.locator('#activity')).to_be_visible()
         assert serious_violations(jane) == [], ('family page', width)
     assert phones.errors == []
+
+
+# -- the sleep program on the phone: last night, the plan's next item, notes (issue 11 item 6) --
+
+def test_last_night_the_plans_next_item_janes_notes_and_a_parents_own_note(server, admin, phones):
+    family = admin.create_family('Baby Nights', tz=midday_zone())  # about noon there: last night is over
+    link = admin.create_link(family['id'], "Mum's phone")
+    zone = zoneinfo.ZoneInfo(family['tz'])
+    today = dt.datetime.now(zone).date()
+    yesterday = today - dt.timedelta(days=1)
+    night = int(dt.datetime(yesterday.year, yesterday.month, yesterday.day, 19, tzinfo=zone).timestamp() * 1000)
+    minute = 60000
+    seed(server, family['id'], link['token'], [
+        ('down', night - 30 * minute, 'sleep', 'sleeping'),        # carried in: counts from 19:00
+        ('up-1', night + 180 * minute, 'sleep', 'awake'), ('down-1', night + 200 * minute, 'sleep', 'sleeping'),
+        ('up-2', night + 480 * minute, 'sleep', 'awake'), ('down-2', night + 510 * minute, 'sleep', 'sleeping'),
+        ('morning', night + 750 * minute, 'sleep', 'awake'),       # 07:30, after the night's end
+        ('feed', night + 240 * minute, 'feed', 'bottle')])  # 23:00: yesterday's
+    plan = {'wake': '07:00', 'naps': [{'start': '09:30', 'end': '11:00'}, {'start': '13:30', 'end': '15:00'}],
+            'bedtime': '19:00'}
+    note = {'id': 'n1', 'date': str(today), 'text': '<b>Teething</b> is normal', 'created_at': 1}
+    sockets = []
+
+    def proxy(ws):
+        """The server of this branch may not send plans and notes yet: add them as CONTRACT §8 says."""
+        sockets.append(ws)
+        server_ws = ws.connect_to_server()
+
+        def to_app(message):
+            data = json.loads(message)
+            if data['type'] == 'init':
+                data.update(plan=plan, notes=[note])
+            ws.send(json.dumps(data))
+        server_ws.on_message(to_app)
+
+    context = phones.new_context()
+    context.route_web_socket(re.compile('/ws'), proxy)
+    page = phones.open(link, context)
+    # 19:00-22:00, 22:20-03:00, 03:30-07:00 asleep: 11 h 10 min, two wakings, 4 h 40 min the longest.
+    expect(page.locator('#night-title')).to_have_text('Last night')
+    expect(page.locator('#night-sleep')).to_have_text('11h 10m')
+    expect(page.locator('#night-wakings')).to_have_text('2')
+    expect(page.locator('#night-longest')).to_have_text('4h 40m')
+    expect(page.locator('#plan-next')).to_have_text(re.compile(r'^Plan: Nap 2 at 13:30 · in (1h 0m|\d+m)$'))
+    expect(page.locator('#notes li')).to_have_text(f'From your consultant · {today}new<b>Teething</b> is normal')
+    expect(page.locator('#notes b')).to_have_count(0)
+
+    sockets[0].send(json.dumps({'type': 'note', 'note': {'id': 'n2', 'date': str(today), 'text': 'Early bedtime',
+                                                          'created_at': 2}}))
+    expect(page.locator('#notes li').first).to_contain_text('Early bedtime')
+    page.locator('#notes').scroll_into_view_if_needed()
+    expect(page.locator('#notes .unread')).to_have_count(0, timeout=8000)  # seen after a few seconds
+    sockets[0].send(json.dumps({'type': 'note', 'note': {'id': 'n1', 'deleted': True}}))
+    expect(page.locator('#notes li')).to_have_count(1)
+
+    page.get_by_label('A note for today (teething, medicine…)').fill('Calpol 2 am')
+    page.get_by_role('button', name='Add note').click()
+    expect(row(page, 'Calpol 2 am')).to_have_count(1)
+    expect(page.locator('#sync')).to_have_text('Online · all saved')
+    expect(page.locator('#total-feeds')).to_have_text('0')
+    assert [(e['type'], e['value']) for e in server_entries(admin, family['id']) if e['type'] == 'note'] == [
+        ('note', 'Calpol 2 am')]
+    assert serious_violations(page) == []
+    assert phones.errors == []

@@ -61,6 +61,9 @@ const state = {
   shown: 0,              // start of the local day shown by the totals and the log (0: today)
   older: '',             // loading older days: '' | 'loading' | 'offline' | 'failed'
   editing: null,         // id of the entry whose time editor is open
+  plan: null,            // Jane's plan {wake, naps: [{start, end}], bedtime} (CONTRACT §8), or null
+  notes: [],             // Jane's coaching notes [{id, date, text, created_at}]
+  seenNotes: [],         // ids of her notes this phone has shown
 };
 
 function buttonOf(category, label) {
@@ -293,6 +296,69 @@ function countedMinutes(category, list, from, to) {
   return Math.round(ms / 60000);
 }
 
+const clock = (text, fallback) => /^([01]\d|2[0-3]):[0-5]\d$/.test(text || '') ? text : fallback;
+
+/** The instant of wall-clock "HH:MM" on the local day `offset` days after the day of `now`. */
+function atClock(now, offset, text) {
+  const p = wallClock(familyTz(), now);
+  const d = new Date(Date.UTC(p.year, p.month - 1, p.day + offset));
+  const [h, m] = text.split(':').map(Number);
+  return instantOf(familyTz(), d.getUTCFullYear(), d.getUTCMonth() + 1, d.getUTCDate(), h, m);
+}
+
+/** The latest night begun by `now`, counted like the server's report (CONTRACT §8): asleep is a
+ *  counted sleep state; spans are clipped to [night_start, next night_end); a waking is an awake
+ *  span between two asleep ones; an open state counts up to now. */
+function lastNight(now) {
+  const family = state.family || {};
+  const from = clock(family.night_start, '19:00');
+  const to = clock(family.night_end, '07:00');
+  let start = atClock(now, 0, from);
+  let back = 0;
+  if (start > now) { back = -1; start = atClock(now, -1, from); }
+  const end = atClock(now, back + 1, to);
+  const stop = Math.min(end, now);
+  const group = state.config.find((g) => g.category === 'sleep' && g.stateful);
+  const counted = new Set(group ? group.buttons.filter((b) => b.counted).map((b) => b.label) : []);
+  const list = [];
+  for (let day = dayOf(start); day < stop; day = dayAround(day).end) {
+    list.push(...dayEntries(day).filter((e) => e.type === 'sleep' && e.ts >= start && e.ts < stop));
+  }
+  const carried = stateBefore('sleep', start);
+  if (carried) list.unshift(carried);
+  const spans = [];   // [asleep, ms], neighbours merged
+  list.forEach((e, i) => {
+    const ms = Math.min(i + 1 < list.length ? list[i + 1].ts : stop, stop) - Math.max(e.ts, start);
+    const asleep = counted.has(e.value);
+    if (spans.length && spans[spans.length - 1][0] === asleep) spans[spans.length - 1][1] += Math.max(ms, 0);
+    else if (ms > 0) spans.push([asleep, ms]);
+  });
+  const asleep = spans.filter(([a]) => a).map(([, ms]) => ms);
+  const minutes = (ms) => Math.round(ms / 60000);
+  return {
+    tonight: back === 0, complete: end <= now,
+    sleep_minutes: minutes(asleep.reduce((a, b) => a + b, 0)),
+    wakings: spans.filter(([a], i) => !a && i > 0 && i < spans.length - 1).length,
+    longest_stretch_minutes: minutes(Math.max(0, ...asleep)),
+  };
+}
+
+/** The plan's next item after `now`: "Nap 2 at 13:30 · in 40m", or '' without a plan. */
+function planNext(now) {
+  const plan = state.plan;
+  if (!plan) return '';
+  const items = [['Wake', plan.wake], ...(plan.naps || []).map((n, i) => [`Nap ${i + 1}`, n && n.start]), ['Bedtime', plan.bedtime]];
+  let best = null;
+  for (const offset of [0, 1]) {
+    for (const [label, text] of items) {
+      if (!clock(text, '')) continue;
+      const at = atClock(now, offset, text);
+      if (at > now && (!best || at < best.at)) best = {label, text, at};
+    }
+  }
+  return best ? `Plan: ${best.label} at ${best.text} · in ${minutesText(Math.ceil((best.at - now) / 60000))}` : '';
+}
+
 /** The totals of the day [start, end) as the server's summary counts them (CONTRACT §6). */
 function dayTotals(start, end, list, now) {
   const totals = {sleep_minutes: countedMinutes('sleep', list, start, Math.min(end, now)), feeds: 0, wet: 0, dirty: 0};
@@ -398,6 +464,9 @@ function restore({meta, entries, outbox, parked}) {
   state.link = meta.link || (state.family ? 'ok' : 'unknown');
   // A phone from before windowed loads holds the whole history.
   state.loadedFrom = meta.loadedFrom ?? (state.cursor ? 0 : null);
+  state.plan = meta.plan || null;
+  state.notes = Array.isArray(meta.notes) ? meta.notes : [];
+  state.seenNotes = Array.isArray(meta.seenNotes) ? meta.seenNotes : [];
   for (const e of entries) state.entries.set(e.id, e);
   reindex();
   outbox.sort((a, b) => a.queued_at - b.queued_at);
@@ -490,10 +559,13 @@ function onInit(msg) {
   if (socket && socket.windowStart !== undefined) state.loadedFrom = socket.windowStart;
   state.config = cleanConfig(msg.config);
   state.members = Array.isArray(msg.members) ? msg.members : [];
+  if ('plan' in msg) state.plan = msg.plan && typeof msg.plan === 'object' ? msg.plan : null;
+  if (Array.isArray(msg.notes)) state.notes = msg.notes.filter(goodNote);
   state.ready = true;
   retries = 0;
   // The cursor is stored after the entries it covers.
-  saveMany(stored, {unqueue: stored.map((e) => e.id), meta: {config: state.config, loadedFrom: state.loadedFrom}});
+  saveMany(stored, {unqueue: stored.map((e) => e.id),
+    meta: {config: state.config, loadedFrom: state.loadedFrom, plan: state.plan, notes: state.notes}});
   renderButtons();
   render();
   pump();
@@ -513,6 +585,15 @@ function onMessage(msg) {
     save({meta: {config: state.config}});
     renderButtons();
     render();
+  } else if (msg.type === 'plan') {
+    state.plan = msg.plan && typeof msg.plan === 'object' ? msg.plan : null;
+    save({meta: {plan: state.plan}});
+    render();
+  } else if (msg.type === 'note' && msg.note && typeof msg.note.id === 'string') {
+    state.notes = state.notes.filter((n) => n.id !== msg.note.id);
+    if (!msg.note.deleted && goodNote(msg.note)) state.notes.push(msg.note);
+    save({meta: {notes: state.notes}});
+    render();
   } else if (msg.type === 'presence') {
     state.members = Array.isArray(msg.members) ? msg.members : [];
     render();
@@ -526,6 +607,10 @@ function onMessage(msg) {
       toast(`Not saved: ${msg.error || 'the server refused a change'}`);
     }
   }
+}
+
+function goodNote(n) {
+  return n && typeof n.id === 'string' && typeof n.text === 'string' && typeof n.date === 'string';
 }
 
 /** The server will never accept this change: drop it and go back to the server's copy. */
@@ -672,6 +757,9 @@ async function switchFamily(next) {
   state.cursor = 0;
   state.loadedFrom = null;
   state.config = DEFAULT_CONFIG;
+  state.plan = null;
+  state.notes = [];
+  state.seenNotes = [];
   state.shown = 0;
   state.editing = null;
   state.family = next;
@@ -840,6 +928,47 @@ function renderDay(now) {
   setText($('log-note'), note);
 }
 
+function renderNight(now) {
+  const night = lastNight(now);
+  setText($('night-title'), night.complete ? 'Last night' : night.tonight ? 'Tonight so far' : 'Last night so far');
+  setText($('night-sleep'), minutesText(night.sleep_minutes));
+  setText($('night-wakings'), String(night.wakings));
+  setText($('night-longest'), minutesText(night.longest_stretch_minutes));
+  setText($('plan-next'), planNext(now));
+}
+
+let notesShown = '';
+
+/** Jane's notes, newest first, each marked until this phone has shown it. */
+function renderNotes() {
+  const seen = new Set(state.seenNotes);
+  const notes = state.notes.slice().sort((a, b) => (b.date > a.date) - (b.date < a.date) || (b.created_at || 0) - (a.created_at || 0));
+  const key = JSON.stringify([notes, state.seenNotes]);
+  if (key === notesShown) return;
+  notesShown = key;
+  $('notes').replaceChildren(...notes.map((n) => el('li', {},
+    el('span', {className: 'when', textContent: `From your consultant · ${n.date}`},
+      ...(seen.has(n.id) ? [] : [el('span', {className: 'unread', textContent: 'new'})])),
+    n.text)));
+}
+
+/** Notes on screen for a few seconds count as seen (the mark goes on the next render). */
+function watchNotes() {
+  if (!('IntersectionObserver' in window)) return;
+  let timer = null;
+  new IntersectionObserver(([seen]) => {
+    clearTimeout(timer);
+    if (!seen.isIntersecting) return;
+    timer = setTimeout(() => {
+      const unseen = state.notes.filter((n) => !state.seenNotes.includes(n.id));
+      if (!unseen.length || document.visibilityState !== 'visible') return;
+      state.seenNotes = state.notes.map((n) => n.id);
+      save({meta: {seenNotes: state.seenNotes}});
+      render();
+    }, 3000);
+  }, {threshold: 0.5}).observe($('notes'));
+}
+
 const rows = new Map();   // entry id -> <li>, reused so a tap in progress survives a re-render
 
 function renderLog(list) {
@@ -990,6 +1119,7 @@ function renderNow() {
   document.body.classList.toggle('read-only', readOnly());
   const locked = readOnly();
   for (const b of groupButtons) if (b.disabled !== locked) b.disabled = locked;
+  $('note-save').disabled = locked;
   renderBanner();
   renderSync();
   renderStates(now);
@@ -997,9 +1127,11 @@ function renderNow() {
     const day = shownDay(now);
     const list = dayEntries(day.start);
     renderTotals(day, list, now);
+    renderNight(now);
     renderDay(now);
     renderLog(list);
   }
+  renderNotes();
   renderMembers();
   document.documentElement.classList.add('shown');
 }
@@ -1016,6 +1148,7 @@ function tick() {
   }
   renderStates(now);
   if (!state.shown) renderTotals(shownDay(now), dayEntries(today), now);
+  if (state.family && Math.floor(now / 60000) !== Math.floor((now - 1000) / 60000)) renderNight(now);
   if (state.pausedUntil) renderSync();
 }
 
@@ -1066,6 +1199,18 @@ function logTap(category, label) {
   state.shown = 0;    // the tap shows where it went: today
   change(entry);
   toast(`Logged ${label} · ${clockText(entry.ts)}`, () => setDeleted(entry.id, true));
+}
+
+/** A parent's own note for today: an entry of type "note" (CONTRACT §8), never counted in totals. */
+function addNote(event) {
+  event.preventDefault();
+  const text = $('note-text').value.trim();
+  if (readOnly() || !text) return;
+  state.shown = 0;
+  change({id: newId(), ts: Date.now(), type: 'note', value: text.slice(0, 4000), deleted: false,
+    updated_at: 0, seq: 0, by: state.me && state.me.label ? state.me.label : 'this phone'});
+  $('note-text').value = '';
+  toast('Note added');
 }
 
 /** Show the day before or after the shown one; older days than this phone holds are loaded. */
@@ -1129,6 +1274,8 @@ function bindEvents() {
   });
   $('reload').addEventListener('click', () => location.reload());
   $('day-prev').addEventListener('click', () => showDay(-1));
+  $('note-form').addEventListener('submit', addNote);
+  watchNotes();
   $('day-next').addEventListener('click', () => showDay(1));
   window.addEventListener('online', () => { render(); reconnectNow(); if (state.older) { state.older = ''; loadOlder(); } });
   window.addEventListener('offline', () => { if (socket) dropSocket(); render(); });
