@@ -40,6 +40,7 @@ const WINDOW_DAYS = 14;        // a fresh phone's first load (CONTRACT §12)
 const OLDER_DAYS = 7;          // one step back past what is loaded fetches at least this many days
 const DAY_MS = 86400000;
 const IN_FLIGHT = 50;          // outbox items sent and not yet answered, at most
+const ROWS_PER_FRAME = 12;     // log rows built per frame: a long day fills in without a long task
 const ANNOUNCE_MS = 5 * 60000; // a running timer is read out this often (and on every change)
 const CLOSE_REVOKED = [4403, 1008];
 
@@ -181,7 +182,6 @@ function daysBefore(ms, back) {
 const days = new Map();      // local day start -> Map(id -> live entry)
 const current = new Map();   // category -> its latest live entry by (ts, id)
 let dayCache = new Map();    // UTC day number -> [{start, end}] local days that touch it
-let indexedTz = '';
 
 const later = (a, b) => a.ts > b.ts || (a.ts === b.ts && a.id > b.id);
 
@@ -247,7 +247,7 @@ function reindex() {
   days.clear();
   current.clear();
   dayCache = new Map();
-  indexedTz = familyTz();
+  clockCache = new Map();
   const all = [...state.entries.values()];
   state.entries.clear();
   for (const e of all) putEntry(e);
@@ -298,12 +298,18 @@ function countedMinutes(category, list, from, to) {
 
 const clock = (text, fallback) => /^([01]\d|2[0-3]):[0-5]\d$/.test(text || '') ? text : fallback;
 
+let clockCache = new Map();   // "day offset HH:MM" -> instant (renders ask for the same few often)
+
 /** The instant of wall-clock "HH:MM" on the local day `offset` days after the day of `now`. */
 function atClock(now, offset, text) {
-  const p = wallClock(familyTz(), now);
-  const d = new Date(Date.UTC(p.year, p.month - 1, p.day + offset));
-  const [h, m] = text.split(':').map(Number);
-  return instantOf(familyTz(), d.getUTCFullYear(), d.getUTCMonth() + 1, d.getUTCDate(), h, m);
+  const key = `${dayOf(now)} ${offset} ${text}`;
+  if (!clockCache.has(key)) {
+    const p = wallClock(familyTz(), now);
+    const d = new Date(Date.UTC(p.year, p.month - 1, p.day + offset));
+    const [h, m] = text.split(':').map(Number);
+    clockCache.set(key, instantOf(familyTz(), d.getUTCFullYear(), d.getUTCMonth() + 1, d.getUTCDate(), h, m));
+  }
+  return clockCache.get(key);
 }
 
 /** The latest night begun by `now`, counted like the server's report (CONTRACT §8): asleep is a
@@ -550,8 +556,11 @@ function advanceCursor(seq) {
 
 function onInit(msg) {
   const stored = [];
+  const acked = [];
   for (const e of msg.entries || []) {
+    const queued = state.outbox.has(e.id);
     if (applyRemote(e)) stored.push(e);
+    if (queued && !state.outbox.has(e.id)) acked.push(e.id);
     advanceCursor(e.seq);
   }
   // init.cursor is the server's newest seq; below ours it means a restored backup: follow it.
@@ -564,7 +573,7 @@ function onInit(msg) {
   state.ready = true;
   retries = 0;
   // The cursor is stored after the entries it covers.
-  saveMany(stored, {unqueue: stored.map((e) => e.id),
+  saveMany(stored, {unqueue: acked,
     meta: {config: state.config, loadedFrom: state.loadedFrom, plan: state.plan, notes: state.notes}});
   renderButtons();
   render();
@@ -978,9 +987,13 @@ function renderLog(list) {
   for (const [id, li] of rows) if (!keep.has(id)) { li.remove(); rows.delete(id); }
   if (state.editing && !keep.has(state.editing)) state.editing = null;
   const locked = readOnly();
-  shown.forEach((e, i) => {
+  let fresh = 0;
+  let at = 0;
+  for (const e of shown) {
     let li = rows.get(e.id);
+    if (!li && fresh >= ROWS_PER_FRAME) { render(); continue; }   // the rest in the next frames
     if (!li) {
+      fresh += 1;
       li = el('li', {className: 'entry'});
       const row = el('button', {type: 'button', className: 'entry-row', ariaExpanded: 'false'},
         el('span', {className: 'time'}), el('span', {className: 'what'}), el('span', {className: 'by'}));
@@ -1005,8 +1018,9 @@ function renderLog(list) {
       if (state.editing === e.id && !editor) li.append(buildEditor(e));
       if (state.editing !== e.id && editor) editor.remove();
     }
-    if (listNode.children[i] !== li) listNode.insertBefore(li, listNode.children[i] || null);
-  });
+    if (listNode.children[at] !== li) listNode.insertBefore(li, listNode.children[at] || null);
+    at += 1;
+  }
   setText($('log-empty'), state.shown ? 'Nothing logged this day.' : 'Nothing logged yet today.');
   $('log-empty').hidden = shown.length > 0;
 }
