@@ -107,7 +107,7 @@ def run_lighthouse(url, runs):
             if os.environ.get('LIGHTHOUSE_KEEP'):   # a copy of each report, to read its audits
                 shutil.copy(path, f"{os.environ['LIGHTHOUSE_KEEP']}.{n}.json")
             failed = [a['id'] for a in report['audits'].values()
-                      if a.get('score') == 0 and a['id'] in A11Y_IDS(report)]
+                      if a.get('score') == 0 and a['id'] in accessibility_audits(report)]
             results.append({'performance': round(report['categories']['performance']['score'] * 100),
                             'tbt_ms': round(report['audits']['total-blocking-time']['numericValue']),
                             'cls': round(report['audits']['cumulative-layout-shift']['numericValue'], 3),
@@ -119,7 +119,8 @@ def run_lighthouse(url, runs):
     return results[len(results) // 2]
 
 
-def A11Y_IDS(report):
+def accessibility_audits(report):
+    """The ids of the audits in Lighthouse's accessibility category."""
     return {ref['id'] for ref in report['categories']['accessibility']['auditRefs']}
 
 

@@ -20,16 +20,9 @@ from playwright.sync_api import expect
 
 import conftest
 from conftest import Device, Server
-from test_app import SERVER_DOWN, Phones, browser, midday_zone, row, server_entries, tap  # noqa: F401 (fixtures)
+from test_app import SERVER_DOWN, browser, midday_zone, phones, row, server_entries, tap  # noqa: F401 (fixtures)
 
 DAY = 86400000
-
-
-@pytest.fixture
-def phones(browser):  # noqa: F811
-    opened = Phones(browser)
-    yield opened
-    opened.close()
 
 
 def window_start(tz, days, now=None):
@@ -240,58 +233,88 @@ def test_taps_for_another_family_wait_until_its_link_is_opened_again(admin, phon
 
 # -- refusals for now (budget, storage) keep the outbox (CONTRACT §10) --------------------------
 
+SERVER_HAS_A_BUDGET = 'too many messages' in open(conftest.os.path.join(conftest.HERE, 'babytrackd.py')).read()
+
+
 @pytest.fixture
 def budget_server(tmp_path):
-    """A server with a small write budget (when the server enforces one) that refills fast."""
+    """A server with a small write budget (where the server enforces one) that refills fast."""
     running = Server(tmp_path, WS_WRITE_BURST=200, WS_WRITE_RATE=500)
     yield running
     running.stop()
 
 
-def test_an_outbox_of_3000_offline_taps_drains_completely_through_refusals(budget_server, phones):
+def tap_offline(page, context, label, count):
+    """Tap `label` `count` times with the phone offline; return once the outbox holds them all."""
+    context.set_offline(True)
+    expect(page.locator('#sync')).to_have_text(re.compile('^Offline'), timeout=5000)
+    page.evaluate("""([label, count]) => {
+        const button = [...document.querySelectorAll('#groups button')].find((b) => b.textContent === label);
+        for (let i = 0; i < count; i += 1) button.click();
+    }""", [label, count])
+    expect(page.locator('#sync')).to_have_text(f'Offline · {count} waiting', timeout=30000)
+
+
+def assert_stored_once(server, admin, family, link, count):
+    """The family holds `count` entries, each stored by exactly one write (one seq each)."""
+    entries = server_entries(admin, family['id'])
+    assert len(entries) == count and len({e['id'] for e in entries}) == count
+    device = Device(server, family['id'], link['token'], since=0)
+    assert device.init['cursor'] == count  # only this family writes: a repeat would have taken a seq
+    device.close()
+
+
+def test_an_outbox_of_3000_offline_taps_drains_completely_within_the_write_budget(budget_server, phones):
     admin = conftest.AdminClient(budget_server)
     admin.login()
     family = admin.create_family('Baby Busy', tz=midday_zone())
     link = admin.create_link(family['id'], "Mum's phone")
+    page = phones.open(link)
+    refusals = []
+    page.on('websocket', lambda ws: ws.on('framereceived', lambda frame: 'too many messages' in str(frame) and
+                                          refusals.append(frame)))
+    tap_offline(page, phones.contexts[0], 'bottle', 3000)
+
+    phones.contexts[0].set_offline(False)
+    expect(page.locator('#sync')).to_have_text('Online · all saved', timeout=120000)
+    assert_stored_once(budget_server, admin, family, link, 3000)
+    assert refusals or not SERVER_HAS_A_BUDGET  # a server with a budget refuses some of 3,000 writes
+    expect(page.locator('#total-feeds')).to_have_text('3000')
+    assert phones.errors == []
+
+
+def test_writes_refused_for_now_stay_queued_and_are_sent_after_retry_after(server, admin, phones):
+    family = admin.create_family('Baby Busy', tz=midday_zone())
+    link = admin.create_link(family['id'], "Mum's phone")
     context = phones.new_context()
-    refusals = {'budget': 0, 'storage': 0}
+    refusals = {'too many messages': 0, 'storage unavailable': 0}
 
     def proxy(ws):
-        """Pass the app's socket through, answering some writes as a server over budget or with a
-        storage fault would (no id, retry_after), so the app's retry is exercised on any server."""
-        server = ws.connect_to_server()
+        """Pass the app's socket through, answering every 7th write as a server over its budget or
+        with a storage fault does (no id, retry_after), whatever this branch's server does."""
+        upstream = ws.connect_to_server()
         writes = {'n': 0}
 
         def from_app(message):
             if json.loads(message).get('type') == 'entry':
                 writes['n'] += 1
-                if writes['n'] % 11 == 0:
-                    kind = 'storage' if writes['n'] % 3 == 0 else 'budget'
-                    refusals[kind] += 1
-                    error = 'storage unavailable' if kind == 'storage' else 'too many messages'
-                    return ws.send(json.dumps({'type': 'error', 'error': error, 'retry_after': 0.05}))
-            server.send(message)
+                if writes['n'] % 7 == 0:
+                    error = 'storage unavailable' if writes['n'] % 2 else 'too many messages'
+                    refusals[error] += 1
+                    return ws.send(json.dumps({'type': 'error', 'error': error, 'retry_after': 0.2}))
+            upstream.send(message)
         ws.on_message(from_app)
 
     context.route_web_socket(re.compile('/ws'), proxy)
     page = phones.open(link, context)
-    context.set_offline(True)
-    expect(page.locator('#sync')).to_have_text(re.compile('^Offline'), timeout=5000)
-    page.evaluate("""() => {
-        const bottle = [...document.querySelectorAll('#groups button')].find((b) => b.textContent === 'bottle');
-        for (let i = 0; i < 3000; i += 1) bottle.click();
-    }""")
-    expect(page.locator('#sync')).to_have_text('Offline · 3000 waiting')
-
+    tap_offline(page, context, 'wet', 300)
     context.set_offline(False)
-    expect(page.locator('#sync')).to_have_text('Online · all saved', timeout=120000)
-    entries = server_entries(admin, family['id'])
-    assert len(entries) == 3000 and len({e['id'] for e in entries}) == 3000
-    assert refusals['budget'] > 0 and refusals['storage'] > 0
-    device = Device(budget_server, family['id'], link['token'], since=0)
-    assert device.init['cursor'] == 3000  # every write took one seq: nothing stored twice
-    device.close()
-    expect(page.locator('#total-feeds')).to_have_text('3000')
+    expect(page.locator('#sync')).to_have_text(re.compile(r'^Server busy, retrying · \d+ waiting$'), timeout=10000)
+    expect(page.locator('#sync')).to_have_text('Online · all saved', timeout=60000)
+    assert refusals['too many messages'] > 0 and refusals['storage unavailable'] > 0
+    assert_stored_once(server, admin, family, link, 300)
+    expect(page.locator('#total-wet')).to_have_text('300')
+    expect(page.locator('#toast-text')).not_to_contain_text('Not saved')  # nothing was lost: nothing to say
     assert phones.errors == []
 
 

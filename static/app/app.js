@@ -462,6 +462,23 @@ async function saveMany(entries, last) {
   return save({...last, meta: {...last.meta, ...(storing ? {} : {cursor: state.cursor})}});
 }
 
+const pending = {entries: new Set(), timer: null};   // ids of entries from the server not yet stored
+
+/** Store entries from the server in one transaction per 50 ms (an outbox of thousands drains in a
+ *  few transactions): each as it is in memory then, acknowledged unless queued again since. */
+function saveSoon(ids) {
+  for (const id of ids) pending.entries.add(id);
+  if (!pending.timer) pending.timer = setTimeout(flushSoon, 50);
+}
+
+function flushSoon() {
+  pending.timer = null;
+  const ids = [...pending.entries];
+  pending.entries.clear();
+  save({entries: ids.map((id) => state.entries.get(id)).filter(Boolean), unqueue: ids.filter((id) => !state.outbox.has(id)),
+    meta: storing ? {} : {cursor: state.cursor}});
+}
+
 function restore({meta, entries, outbox, parked}) {
   state.family = meta.family || null;
   state.me = meta.me || null;
@@ -490,7 +507,7 @@ let retryTimer = null;
 let resumeTimer = null;
 let heartbeat = null;
 let lastHeard = 0;
-let sendWindow = IN_FLIGHT;   // back to one after a refusal, then one more per answer
+let sendWindow = IN_FLIGHT;   // halved by a refusal, one more per answer
 
 const wireFields = (e) => ({id: e.id, ts: e.ts, type: e.type, value: e.value, deleted: e.deleted, updated_at: e.updated_at});
 const sameFields = (a, b) => a.ts === b.ts && a.type === b.type && a.value === b.value && !!a.deleted === !!b.deleted;
@@ -523,7 +540,7 @@ function pause(seconds) {
   const wait = Math.min(Math.max(Number(seconds) || 1, 0.05), 300) * 1000;
   state.pausedUntil = Math.max(state.pausedUntil, Date.now() + wait);
   state.inFlight.clear();     // we cannot tell which were refused: whatever is not answered goes again
-  sendWindow = 1;
+  sendWindow = Math.max(1, sendWindow >> 1);
   clearTimeout(resumeTimer);
   resumeTimer = setTimeout(pump, state.pausedUntil - Date.now());
 }
@@ -586,7 +603,7 @@ function onMessage(msg) {
   if (msg.type === 'entry' && msg.entry) {
     const stored = applyRemote(msg.entry, msg.stale === true);
     advanceCursor(msg.entry.seq);
-    save({entries: stored ? [stored] : [], unqueue: stored ? [stored.id] : [], meta: storing ? {} : {cursor: state.cursor}});
+    saveSoon(stored ? [stored.id] : []);
     render();
     pump();
   } else if (msg.type === 'config') {
