@@ -462,21 +462,31 @@ async function saveMany(entries, last) {
   return save({...last, meta: {...last.meta, ...(storing ? {} : {cursor: state.cursor})}});
 }
 
-const pending = {entries: new Set(), timer: null};   // ids of entries from the server not yet stored
+// Writes under way: entries from the server not yet stored (ids; `acks` when some acknowledge our
+// taps), transactions storing acknowledgements, and taps being stored.
+const pending = {entries: new Set(), timer: null, acks: false, acking: 0, taps: 0};
 
 /** Store entries from the server in one transaction per 50 ms (an outbox of thousands drains in a
- *  few transactions): each as it is in memory then, acknowledged unless queued again since. */
-function saveSoon(ids) {
+ *  few transactions): each as it is in memory then, acknowledged unless queued again since. The
+ *  last acknowledgement is stored at once: "all saved" is shown only once this phone agrees. */
+function saveSoon(ids, acked = false) {
   for (const id of ids) pending.entries.add(id);
+  pending.acks = pending.acks || acked;
+  if (acked && !state.outbox.size) return flushSoon();
   if (!pending.timer) pending.timer = setTimeout(flushSoon, 50);
 }
 
 function flushSoon() {
+  clearTimeout(pending.timer);
   pending.timer = null;
   const ids = [...pending.entries];
   pending.entries.clear();
-  save({entries: ids.map((id) => state.entries.get(id)).filter(Boolean), unqueue: ids.filter((id) => !state.outbox.has(id)),
-    meta: storing ? {} : {cursor: state.cursor}});
+  const unqueue = ids.filter((id) => !state.outbox.has(id));
+  const acks = pending.acks;
+  pending.acks = false;
+  pending.acking += acks ? 1 : 0;
+  save({entries: ids.map((id) => state.entries.get(id)).filter(Boolean), unqueue, meta: storing ? {} : {cursor: state.cursor}})
+    .then(() => { pending.acking -= acks ? 1 : 0; if (acks) render(); });
 }
 
 function restore({meta, entries, outbox, parked}) {
@@ -520,8 +530,9 @@ function change(entry) {
   const item = {entry: wireFields(entry), base: queued ? queued.base : prev || null, queued_at: queued ? queued.queued_at : Date.now()};
   putEntry(entry);
   state.outbox.set(entry.id, item);
+  pending.taps += 1;
   renderNow();    // a person's own action shows in the same task
-  save({entries: [entry], outbox: [item]}).then(pump);
+  save({entries: [entry], outbox: [item]}).then(() => { pending.taps -= 1; render(); pump(); });
 }
 
 /** Send what waits in the outbox, a bounded number at a time, unless the server asked us to wait. */
@@ -601,9 +612,10 @@ function onMessage(msg) {
   lastHeard = Date.now();
   if (msg.type === 'init') return onInit(msg);
   if (msg.type === 'entry' && msg.entry) {
+    const queued = state.outbox.has(msg.entry.id);
     const stored = applyRemote(msg.entry, msg.stale === true);
     advanceCursor(msg.entry.seq);
-    saveSoon(stored ? [stored.id] : []);
+    saveSoon(stored ? [stored.id] : [], queued && !state.outbox.has(msg.entry.id));
     render();
     pump();
   } else if (msg.type === 'config') {
@@ -1108,10 +1120,11 @@ function renderSync() {
   if (state.link === 'unknown') [text, mode] = ['Starting…', 'offline'];
   else if (!state.family || state.link === 'none') [text, mode] = ['Not set up', 'offline'];
   else if (state.link !== 'ok') [text, mode] = ['Read-only', 'dead'];
+  else if (pending.taps) [text, mode] = [`Saving on this phone${queue}`, 'syncing'];   // "waiting" means stored
   else if (!navigator.onLine || state.conn === 'offline') [text, mode] = [`Offline${queue || ' · saved on this phone'}`, 'offline'];
   else if (state.conn === 'connecting') [text, mode] = [`Connecting…${queue}`, 'syncing'];
   else if (Date.now() < state.pausedUntil && waiting) [text, mode] = [`Server busy, retrying${queue}`, 'syncing'];
-  else if (!state.ready || waiting) [text, mode] = [`Syncing${queue}`, 'syncing'];
+  else if (!state.ready || waiting || pending.acking) [text, mode] = [`Syncing${queue}`, 'syncing'];
   else [text, mode] = ['Online · all saved', 'online'];
   const sync = $('sync');
   setText(sync, text);
