@@ -81,7 +81,7 @@ def build_family(server, admin, days, per_day):
 
 def lighthouse_path():
     for path in (os.environ.get('LIGHTHOUSE'), os.path.join(HERE, 'node_modules/.bin/lighthouse'),
-                 '/work/lh/node_modules/.bin/lighthouse', shutil.which('lighthouse')):
+                 shutil.which('lighthouse')):
         if path and os.path.exists(path):
             return path
     return None
