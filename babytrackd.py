@@ -704,19 +704,33 @@ ENTRY_JSON = """json_object('id', id, 'ts', ts, 'type', type, 'value', value,
     'deleted', json(CASE WHEN deleted THEN 'true' ELSE 'false' END), 'updated_at', updated_at, 'seq', seq, 'by', by)"""
 
 
-def entries_json(family_id, since, until, page=200):
+def entries_json(family_id, since, until, after=None, page=200):
     """Yield, as the inside of a JSON array in pages of `page` rows, the live entries (since=0) or
     every change after seq `since`, up to seq `until`, in seq order. Each page is read when asked
-    for, so a large family never sits in memory whole; a change made meanwhile has a seq past `until`."""
-    after, comma = since, ''
-    while True:
-        found = db.execute(f"""SELECT seq, {ENTRY_JSON} FROM entries WHERE family_id = ? AND seq > ? AND seq <= ?
-                                 AND (? OR NOT deleted) ORDER BY seq LIMIT ?""",
-                           (family_id, after, until, since > 0, page)).fetchall()
-        if not found:
-            return
+    for, so a large family never sits in memory whole; a change made meanwhile has a seq past `until`.
+    With `after` (ms; a first load's window, PROTOCOL.md): live entries at or after it, then each
+    stateful category's latest live entry before it (the state carried into the window)."""
+    last, comma = since, ''
+    while found := db.execute(f"""SELECT seq, {ENTRY_JSON} FROM entries WHERE family_id = ? AND seq > ? AND seq <= ?
+                                   AND (? OR (NOT deleted AND ts >= ?)) ORDER BY seq LIMIT ?""",
+                              (family_id, last, until, since > 0, after or 0, page)).fetchall():
         yield comma + ','.join(row[1] for row in found)
-        after, comma = found[-1][0], ','
+        last, comma = found[-1][0], ','
+    if after is not None and not since:
+        for group in get_config(family_id):
+            state = db.execute(f"""SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND type = ? AND NOT deleted
+                                   AND ts < ? AND seq <= ? ORDER BY ts DESC, id DESC LIMIT 1""",
+                               (family_id, group['category'], after, until)).fetchone() if group.get('stateful') else None
+            if state:
+                yield comma + state[0]
+                comma = ','
+
+
+def entries_between(family_id, start, end):
+    """Return, as a JSON array, the live entries with start <= ts < end, oldest first."""
+    found = db.execute(f"""SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ?
+                           ORDER BY ts, id""", (family_id, start, end))
+    return '[' + ','.join(row[0] for row in found) + ']'
 
 
 def family_cursor(family_id):
@@ -887,7 +901,7 @@ def restore_entry(family_id, entry_id, seq, by, now=None):
     return apply_entry(family_id, 'update', {'entry': entry}, by, now)
 
 
-# Import (CONTRACT section 9): babytrackd's own CSV and JSON exports, and Huckleberry's CSV export.
+# Import (README "History, restore and import"): babytrackd's own CSV and JSON exports, and Huckleberry's CSV export.
 IMPORT_MAX = 5 * 1024 * 1024
 HUCKLEBERRY_COLUMNS = {'Type', 'Start', 'End', 'Start Condition', 'Start Location', 'End Condition'}
 BREAST_SIDES = re.compile(r'(\d+):(\d+)(?::\d+)?\s*([LR])\b', re.IGNORECASE)  # '0:10R', '00:04L', '0:10L, 0:05R'
@@ -1098,7 +1112,7 @@ def state_spans(family_id, config, start, end, now):
 
 
 def day_summary(family, date, now=None):
-    """Return the summary of one local day for a family (CONTRACT section 6)."""
+    """Return the summary of one local day for a family (README "The consultant's pages")."""
     now = now_ms() if now is None else now
     tz = family['tz']
     start, end = day_window(date, tz)
@@ -1225,7 +1239,7 @@ def asleep_labels(config):
 
 
 def night_report(family, days=14, end=None, now=None):
-    """Return the family's days and nights up to `end`, oldest first (CONTRACT section 8): one query for the range."""
+    """Return the family's days and nights up to `end`, oldest first (README "The sleep program"): one query for the range."""
     now, tz, hour = now_ms() if now is None else now, family['tz'], 3600 * 1000
     if end is None:
         end = local_today(tz, now)
@@ -1892,8 +1906,8 @@ def refusal(error, message):
     return json.dumps(reply)
 
 
-def serve_socket(ws, link, since):
-    """Run one device's connection from init to goodbye."""
+def serve_socket(ws, link, since, after=None):
+    """Run one device's connection from init to goodbye (`after`: the first load's window start, ms)."""
     peer = hub.join(ws, link)
     family_id = peer.family_id
     log.info('socket open family=%s', family_id)
@@ -1908,7 +1922,7 @@ def serve_socket(ws, link, since):
         for other in hub.peers(family_id):
             if other is not peer:
                 other.send(presence)
-        entries = entries_json(family_id, since, cursor)  # read page by page while the init goes out
+        entries = entries_json(family_id, since, cursor, after)  # read page by page while the init goes out
         peer.send_parts(chain(['{"type":"init","entries":['], entries, [f'],{rest[1:]}']))
         while True:
             try:
@@ -2067,7 +2081,7 @@ def error_handler(error):
         message = 'Something went wrong on the server. Please try again.'
     else:
         message = error.body if isinstance(error.body, str) and error.body else error.status_line
-    if wants_json() or request.path.startswith(('/ws', '/app/me', '/health')):
+    if wants_json() or request.path.startswith(('/ws', '/app/me', '/app/entries', '/health')):
         response.content_type = 'application/json'
         return json.dumps({'error': message})
     return page('message', title=response.status_line, message=message)
@@ -2160,9 +2174,8 @@ def app_shell():
     return app_file('index.html')
 
 
-@app.get('/app/me')
-def app_me():
-    """Tell the parents' app which family its link cookie opens (or why it no longer does)."""
+def cookie_link():
+    """Return (link, None) for the request's link cookie, else (None, the answer refusing it)."""
     token = request.get_cookie(LINK_COOKIE)
     if not token:
         bottle.abort(401, 'Open the link your consultant sent you.')
@@ -2170,9 +2183,31 @@ def app_me():
     if problem:
         status, reason, message = problem
         response.status = status
-        return {'error': message, 'reason': reason}
+        return None, {'error': message, 'reason': reason}
+    return link, None
+
+
+@app.get('/app/me')
+def app_me():
+    """Tell the parents' app which family its link cookie opens (or why it no longer does)."""
+    link, refused = cookie_link()
+    if refused:
+        return refused
     return {'family': {'id': link['family_id'], 'name': link['family_name'], 'tz': link['tz']},
             'label': link['label'], 'expires_at': link['expires_at']}
+
+
+@app.get('/app/entries')
+def app_entries():
+    """Older days for the parents' app (PROTOCOL.md, "Connecting"): live entries in [before - days, before)."""
+    link, refused = cookie_link()
+    if refused:
+        return refused
+    before, days = request.query.get('before', ''), request.query.get('days', '')
+    if not re.fullmatch('[0-9]{1,15}', before) or not re.fullmatch('[0-9]{1,2}', days) or not 1 <= int(days) <= 31:
+        bottle.abort(400, 'before must be a time in ms and days a whole number from 1 to 31.')
+    response.content_type = 'application/json'
+    return f'{{"entries":{entries_between(link["family_id"], int(before) - int(days) * 86400000, int(before))}}}'
 
 
 @app.get('/app/<path:path>')
@@ -2205,6 +2240,9 @@ def ws_link(environ):
         return None, (400, 'since must be a whole number.')
     if sum(peer.token == link['token'] for peer in hub.peers(link['family_id'])) >= WS_SOCKETS_PER_LINK:
         return None, (429, f'This link is open on {WS_SOCKETS_PER_LINK} devices already. Close one and try again.')
+    days = req.query.get('days')
+    if days is not None and not (re.fullmatch('[0-9]{1,3}', days) and 1 <= int(days) <= 366):
+        return None, (400, 'days must be a whole number from 1 to 366.')
     return link, None
 
 
@@ -2224,7 +2262,10 @@ def ws_sync():
     if ws is None or link is None:
         status, message = request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.')
         raise bottle.HTTPError(status, message, **({'Retry-After': '30'} if status == 429 else {}))
-    serve_socket(ws, link, int(request.query.get('since', '0')))
+    since, days = int(request.query.get('since', '0')), request.query.get('days')
+    tz = link['tz']
+    after = None if since or days is None else day_window(local_today(tz) - dt.timedelta(days=int(days) - 1), tz)[0]
+    serve_socket(ws, link, since, after)
     return ''
 
 

@@ -43,7 +43,7 @@ import websocket
 HERE = os.path.dirname(os.path.abspath(__file__))
 PASSWORD = 'bench-password'
 # The throughput runs send thousands of messages a second from one link: far over the per-link
-# write budget that protects a real server (CONTRACT section 10), so the bench raises it.
+# write budget that protects a real server (PROTOCOL.md, "Budgets and limits"), so the bench raises it.
 WRITE_BUDGET = {'WS_WRITE_BURST': '1000000000', 'WS_WRITE_RATE': '1000000000'}
 
 

@@ -604,7 +604,7 @@ def test_export_csv(jane, exported):
                                          '2026-10-04T07:00:00+11:00', '2026-10-04T09:00:00+11:00']
     assert rows[0]['ts'] == str(at('2026-10-03 20:00', SYDNEY)) and rows[0]['by'] == 'Dad'
     assert rows[2]['value'] == '\'=HYPERLINK("http://x")'  # never run as a formula by a spreadsheet
-    assert (rows[3]['value'], rows[3]['by']) == ('', '')  # a leading dash is a formula too (CONTRACT section 13)
+    assert (rows[3]['value'], rows[3]['by']) == ('', '')  # a leading dash is a formula too
 
 
 def test_export_json(bt, jane, exported):

@@ -1,6 +1,6 @@
 %# Recent activity (included by family.tpl): the latest changes, newest first, with the link that made each.
-<section id="activity" class="card">
-<h2>Recent activity</h2>
+<section id="activity" class="card" tabindex="0" aria-labelledby="activity-title">
+<h2 id="activity-title">Recent activity</h2>
 % if not changes:
 <p class="muted">Nothing logged yet.</p>
 % else:

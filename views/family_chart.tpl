@@ -7,7 +7,7 @@
 % end
 </p>
 <table class="chart">
-<thead><tr><th></th><td class="hours"><span>00</span><span>03</span><span>06</span><span>09</span><span>12</span><span>15</span><span>18</span><span>21</span></td><th>Total</th></tr></thead>
+<thead><tr><th scope="col"><span class="visually-hidden">Day</span></th><td class="hours"><span>00</span><span>03</span><span>06</span><span>09</span><span>12</span><span>15</span><span>18</span><span>21</span></td><th>Total</th></tr></thead>
 <tbody>
 % for day in chart:
 <tr class="{{'chosen' if day['date'] == date else 'day'}}">

@@ -7,7 +7,7 @@
  */
 'use strict';
 
-const VERSION = '2026-11-22.3';
+const VERSION = '2026-11-30.2';
 const CACHE = `babytrackd-app-${VERSION}`;
 const SHELL = [
   '/app/',
