@@ -6,13 +6,14 @@ function; a real server over real sockets where the socket is the point.
 """
 
 import datetime as dt
+import re
 import json
 import time
 import uuid
 
 import pytest
 
-from conftest import Device, Server, AdminClient
+from conftest import AdminClient, Server, wait_for
 from test_history import LONDON, at, counts, upload, write
 from test_reliability import RawSocket, frame
 
@@ -200,4 +201,53 @@ def test_pings_between_messages_do_not_count_toward_the_64_kib_limit(tmp_path):
                 break
         assert (opcode, payload) == (1, b'{"type":"pong"}'), (opcode, payload[:60], seen.count(10))
     finally:
+        server.stop()
+
+
+# 8. An entry's type in a class attribute ---------------------------------------------------------------
+
+def test_an_entry_type_never_becomes_class_names_on_the_family_page(bt, logged_in):
+    """CONTRACT section 13: the day grid (family_day.tpl) and Recent activity (family_activity.tpl) still write
+    class="event t-{{type}}"; a phone that logs type 'feed visually-hidden' hides its entry from Jane's page."""
+    family = bt.create_family('Olivia', tz=LONDON)
+    now = bt.now_ms()
+    write(bt, family, 'add', 'h1', now=now, ts=now - MINUTE, type='feed visually-hidden', value='hidden from Jane',
+          updated_at=now)
+    page = logged_in.get(f"/admin/families/{family['id']}")
+    links = [a for a in page.html.select('a.event') if 'hidden from Jane' in a.get_text()]
+    assert len(links) == 2  # the day grid and Recent activity
+    assert all('visually-hidden' not in a['class'] for a in links), [a['class'] for a in links]
+
+
+# 9. The app resends after retry_after (Chromium, real server) ----------------------------------------
+
+from test_app import browser, row, tap  # noqa: E402,F401 (browser is a fixture)
+from playwright.sync_api import expect  # noqa: E402
+
+
+def test_the_app_resends_a_tap_refused_for_a_while_after_retry_after(tmp_path, browser):
+    """CONTRACT section 10: a write over budget (or during a storage fault) gets an error with retry_after and no id;
+    'the app keeps its outbox and resends after that'. app.js calls flushOutbox only on init, so the second tap
+    waits, unsent, until the socket happens to reconnect."""
+    server = Server(tmp_path, WS_WRITE_BURST=1, WS_WRITE_RATE=1)
+    context = browser.new_context(viewport={'width': 360, 'height': 780})
+    try:
+        admin = AdminClient(server)
+        admin.login()
+        family = admin.create_family('Baby Budget')
+        link = admin.create_link(family['id'], 'Mum')
+        page = context.new_page()
+        page.goto(link['url'])
+        expect(page.locator('#sync')).to_have_text(re.compile(r'^Online'), timeout=5000)
+        tap(page, 'bottle')
+        tap(page, 'wet')  # within the same second: over the budget of one, told to retry after 1 s
+        expect(row(page, 'wet')).to_have_count(1)
+        try:
+            wait_for(lambda: len(admin.family(family['id'])['entries']) >= 2, timeout=8, interval=0.2)
+        except AssertionError:
+            pass  # said below, with what the server holds
+        assert sorted(e['value'] for e in admin.family(family['id'])['entries']) == ['bottle', 'wet']
+        expect(page.locator('#sync')).to_have_text('Online · all saved')
+    finally:
+        context.close()
         server.stop()
