@@ -287,3 +287,24 @@ def test_the_app_resends_a_tap_refused_for_a_while_after_retry_after(tmp_path, b
     finally:
         context.close()
         server.stop()
+
+
+# 10. A full disk and what Jane typed ----------------------------------------------------------------
+
+def test_a_coaching_note_typed_when_the_disk_is_full_is_shown_again_to_send_later(bt, logged_in):
+    """Brief: nothing typed is lost. family_form turns only Invalid into the page with what was typed; a storage
+    fault reaches the error handler, whose 503 page is a bare message: the 4,000-character note Jane wrote is gone."""
+    from test_admin import form_of
+    family = bt.create_family('Olivia', tz=LONDON)
+    bt.create_note(family['id'], '2026-10-01', 'An earlier note. ' * 200)  # fills the notes table's one page
+    form = form_of(logged_in.get(f"/admin/families/{family['id']}"), '/notes/new')
+    typed = 'Try a later bedtime this week. ' * 100
+    form['text'] = typed
+    bt.db.execute('PRAGMA max_page_count = 1')  # the file may not grow: a full disk
+    try:
+        page = form.submit(status=503, expect_errors=True)
+    finally:
+        bt.db.execute('PRAGMA max_page_count = 1073741823')
+    assert 'nothing was changed' in page.text and len(bt.list_notes(family['id'])) == 1
+    textarea = page.html.select_one('#notes textarea[name=text]')
+    assert textarea is not None and textarea.get_text() == typed, 'the typed note is not on the page'
