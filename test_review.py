@@ -116,11 +116,11 @@ def test_storing_an_import_gives_the_loop_a_turn_every_few_milliseconds(bt, logg
     assert max(gaps()) < 0.1, f'the loop waited {max(gaps()):.2f} s for a turn'
 
 
-def test_the_triage_flags_of_a_night_full_of_taps_cost_little(bt, logged_in):
-    """family_flags' SQL (window functions, a temp B-tree and a GROUP BY over every sleep row of the night) costs
-    ~5-15 us a row: a phone that logs 150,000 sleep taps in a night (within the cap and the budget) makes every
-    dashboard load hold the loop 1.1 s for the flags alone (night_report reads the same night in 34 ms, measured).
-    Here 60,000 taps. The rows read per family need a bound (a night with thousands of taps is already flagged)."""
+def test_the_triage_flags_of_a_night_full_of_taps_never_hold_the_loop(bt, logged_in):
+    """family_flags' SQL (window functions over every sleep row of the night) costs ~5-15 us a row: a phone that
+    logs 150,000 sleep taps in a night (within the cap and the budget) cost every dashboard load over a second.
+    Here 60,000 taps: the query runs apart from the loop (gevent's threadpool, its own connection), so every
+    family's sockets keep being served while it runs, and the count stays exact."""
     family = bt.create_family('Olivia', tz='UTC')
     now = bt.now_ms()
     _, start, stop = bt.night_bounds(family, bt.local_today('UTC', now) - dt.timedelta(days=1))
@@ -130,14 +130,21 @@ def test_the_triage_flags_of_a_night_full_of_taps_cost_little(bt, logged_in):
                              VALUES (?, ?, ?, 'sleep', ?, 0, ?, ?, 'Mum')""",
                           [(f't{n}', family['id'], start + n * step, 'sleeping' if n % 2 else 'awake', start + n * step,
                             n + 1) for n in range(taps)])
-    families = bt.list_families()
-    took = []
-    for _ in range(2):
-        began = time.perf_counter()
-        flags = bt.family_flags(families, now)
-        took.append(time.perf_counter() - began)
+    families, gaps, done = bt.list_families(), [], bt.gevent.event.Event()
+
+    def ticker():  # stands for the sockets: how long does it wait for each turn of the loop?
+        last = time.perf_counter()
+        while not done.is_set():
+            bt.gevent.sleep(0.001)
+            gaps.append(time.perf_counter() - last)
+            last = time.perf_counter()
+    ticking = bt.gevent.spawn(ticker)
+    bt.gevent.sleep(0.01)
+    flags = bt.family_flags(families, now)
+    done.set()
+    ticking.join()
     assert ('many_wakings', f'{taps // 2 - 1} wakings last night') in flags[family['id']]
-    assert min(took) < 0.15, f'the flags of one family took {min(took):.2f} s'
+    assert len(gaps) > 10 and max(gaps) < 0.05, f'the loop waited {max(gaps) * 1000:.0f} ms for its turn'
 
 
 # 4. The family cap and imports ------------------------------------------------------------------------
