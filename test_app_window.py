@@ -1,4 +1,4 @@
-"""The parents' app with history, many taps and more than one family (issues 14, 15, 10; CONTRACT §10, §12, §13).
+"""The parents' app with history, many taps and more than one family (issues 14, 15, 10).
 
 The protocol half (the windowed `init`, `/app/entries`) runs against a real server over real
 sockets; the rest drives the app in Debian's headless Chromium as `test_app.py` does, and checks
@@ -27,7 +27,7 @@ DAY = 86400000
 
 
 def window_start(tz, days, now=None):
-    """The start of the local day days-1 days before today in zone `tz` (CONTRACT §12), in ms."""
+    """The start of the local day days-1 days before today in zone `tz`, in ms."""
     zone = zoneinfo.ZoneInfo(tz)
     today = dt.datetime.fromtimestamp((now or time.time() * 1000) / 1000, zone).date()
     first = today - dt.timedelta(days=days - 1)
@@ -61,7 +61,7 @@ def app_entries(server, query, token=None):
         return error.code, json.loads(error.read())
 
 
-# -- the protocol: a window of days, older days on request (CONTRACT §12) ----------------------
+# -- the protocol: a window of days, older days on request ----------------------
 
 def test_init_with_days_holds_the_window_and_each_stateful_categorys_state_before_it(server, admin):
     family = admin.create_family('Window', tz='America/New_York')
@@ -192,7 +192,7 @@ def test_a_fresh_phone_loads_two_weeks_and_older_days_when_browsed_back(server, 
     assert phones.app_errors(expected=SERVER_DOWN) == []
 
 
-# -- another family's link: nothing tapped is lost (CONTRACT §13) -------------------------------
+# -- another family's link: nothing tapped is lost -------------------------------
 
 def test_taps_for_another_family_wait_until_its_link_is_opened_again(admin, phones):
     smith = admin.create_family('Baby Smith', tz=midday_zone())
@@ -232,7 +232,7 @@ def test_taps_for_another_family_wait_until_its_link_is_opened_again(admin, phon
     assert phones.errors == []
 
 
-# -- refusals for now (budget, storage) keep the outbox (CONTRACT §10) --------------------------
+# -- refusals for now (budget, storage) keep the outbox --------------------------
 
 with open(os.path.join(conftest.HERE, 'babytrackd.py')) as source:
     SERVER_HAS_A_BUDGET = 'too many messages' in source.read()  # the refusal is written there once it exists
@@ -389,7 +389,7 @@ def test_last_night_the_plans_next_item_janes_notes_and_a_parents_own_note(serve
     sockets = []
 
     def proxy(ws):
-        """The server of this branch may not send plans and notes yet: add them as CONTRACT §8 says."""
+        """The server of this branch may not send plans and notes yet: add them as PROTOCOL.md says."""
         sockets.append(ws)
         server_ws = ws.connect_to_server()
 

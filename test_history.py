@@ -1,4 +1,4 @@
-"""Tests for the change log, history, restore and import (issue 12, CONTRACT section 9).
+"""Tests for the change log, history, restore and import (issue 12).
 
 The rules through WebTest on a real SQLite file; restore and import reaching devices, the upload
 limit and a crash (SIGKILL during writes) against a real server process; the pages in Chromium.

@@ -1,4 +1,4 @@
-"""Hostile clients (CONTRACT section 13): memory, sockets, HTTP heads, timing and small leaks,
+"""Hostile clients: memory, sockets, HTTP heads, timing and small leaks,
 each against a real server process over real sockets."""
 
 import base64

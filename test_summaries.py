@@ -1,6 +1,6 @@
 """Tests for the summaries done in SQL once per page (issue 10): the dashboard's and list's totals and
 states for every family, the 14-day chart and the day summary, each checked against the contract's
-rule written out naively here (CONTRACT section 6) on random practices; a page's queries do not grow
+rule written out naively here on random practices; a page's queries do not grow
 with the number of families, days or entries, and each is served by an index; exports stream in
 slices from one snapshot.
 """
