@@ -13,11 +13,14 @@ Configuration comes from the environment, read once at import:
 
     PORT (8080)  HOST (0.0.0.0)  DB_PATH (babytrack.db)  ADMIN_USER (jane)  ADMIN_PASS (unset)
     BASE_URL (http://localhost:PORT)  DEFAULT_TZ (UTC)  BCRYPT_ROUNDS (12)  WS_PING_INTERVAL (25)
-    LOG_LEVEL (info)  LOG_FORMAT (text)  BACKUP_KEEP (7)
+    LOG_LEVEL (info)  LOG_FORMAT (text)  BACKUP_KEEP (7)  WS_WRITE_BURST (2000)  WS_WRITE_RATE (20)
+    FAMILY_MAX_ENTRIES (200000)  WS_SOCKETS_PER_LINK (8)  WS_SEND_BUFFER (4 MiB)  MAX_CONNECTIONS (2000)
+    METRICS_TOKEN (unset)  TRUST_PROXY_HEADER (unset)
 
-Limits: request bodies 64 KiB, WebSocket messages 64 KiB, one writer connection to SQLite.
-sqlite3 and bcrypt block the event loop while they run: queries stay small and indexed, bcrypt
-and backups run in gevent's threadpool.
+Limits: request line + headers 16 KiB within 10 s, bodies 64 KiB (imports 5 MiB), WebSocket messages
+64 KiB, unsent bytes per socket WS_SEND_BUFFER, one writer connection to SQLite. The sync protocol is
+in PROTOCOL.md. sqlite3 and bcrypt block the event loop while they run: queries stay small and
+indexed, long reads (the dashboard's aggregates, exports), bcrypt and backups run apart or in slices.
 
 Chapters (each uses only those above it):
     Configuration, Schema and migrations, Storage, Domain, Sync, Summaries, Auth, Hub, HTTP,
