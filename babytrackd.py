@@ -843,22 +843,29 @@ def check_family_room(family_id, seq, new):
     entry_counts[family_id] = (count + new, seq)
 
 
-change_counts = {}  # family id -> (change-log rows, the family's highest change seq then): kept as entry_counts is
+change_counts = {}  # family id -> (change-log rows, its highest seq then, where the last trim stopped): as entry_counts
 
 
 def trim_changes(family_id, seq):
     """Keep a family's change log within 2 x FAMILY_MAX_ENTRIES rows before row `seq` joins it: past that, drop
     its oldest versions that no entry holds now, a hundredth of the bound at a time so the next writes drop none."""
     top = db.execute('SELECT MAX(seq) FROM changes WHERE family_id = ?', (family_id,)).fetchone()[0]
-    count, seen = change_counts.get(family_id, (None, None))
+    count, seen, low = change_counts.get(family_id, (None, None, 0))
     if count is None or seen != top:
-        count = db.execute('SELECT COUNT(*) FROM changes WHERE family_id = ?', (family_id,)).fetchone()[0]
-    if count >= 2 * FAMILY_MAX_ENTRIES:  # at most FAMILY_MAX_ENTRIES current versions: there is always enough to drop
-        count -= db.execute("""DELETE FROM changes WHERE seq IN (
-                                 SELECT seq FROM changes c WHERE family_id = ? AND NOT EXISTS
-                                   (SELECT 1 FROM entries WHERE seq = c.seq) ORDER BY seq LIMIT ?)""",
-                            (family_id, count + 1 - 2 * FAMILY_MAX_ENTRIES + FAMILY_MAX_ENTRIES // 50)).rowcount
-    change_counts[family_id] = (count + 1, seq)
+        count, low = db.execute('SELECT COUNT(*) FROM changes WHERE family_id = ?', (family_id,)).fetchone()[0], 0
+    # at most FAMILY_MAX_ENTRIES versions are current, so there is always enough to drop; the search goes on from
+    # where the last one stopped (not past every current version again), and from the start when a version
+    # below that was superseded since
+    for start in (low, 0) if count >= 2 * FAMILY_MAX_ENTRIES else ():
+        want = count + 1 - 2 * FAMILY_MAX_ENTRIES + FAMILY_MAX_ENTRIES // 50
+        dropped = [row[0] for row in db.execute("""DELETE FROM changes WHERE seq IN (
+                     SELECT seq FROM changes c WHERE family_id = ? AND seq > ? AND NOT EXISTS
+                       (SELECT 1 FROM entries WHERE seq = c.seq) ORDER BY seq LIMIT ?) RETURNING seq""",
+                                                   (family_id, start, want))]
+        count, low = count - len(dropped), max(dropped, default=low)
+        if len(dropped) == want:
+            break
+    change_counts[family_id] = (count + 1, seq, low)
 
 
 def apply_entry(family_id, action, message, by, now=None):

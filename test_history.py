@@ -266,8 +266,15 @@ def test_the_change_log_drops_the_oldest_superseded_versions_and_keeps_every_cur
     assert all(bt.entry_history(family['id'], f'e{n}')[-1]['value'] == 'bottle' for n in range(1, 50))
     kept = [c['value'] for c in bt.entry_history(family['id'], 'e0')]
     assert kept[-1] == 'bottle 199' and kept == [f'bottle {n}' for n in range(200 - len(kept), 200)]  # the newest kept
+    count, top, _ = bt.change_counts[family['id']]
+    bt.change_counts[family['id']] = (count, top, top)  # as if every version after the last trim were current
+    for n in range(1, 50):  # versions from before the last trim superseded now: the next trims find them too
+        write(bt, family, 'update', f'e{n}', now=now + 300, value='milk', updated_at=now + 300)
+        write(bt, family, 'update', 'e0', now=now + 300 + n, value=f'bottle {300 + n}', updated_at=now + 300 + n)
+    assert bt.one('SELECT COUNT(*) AS n FROM changes')['n'] <= 100
+    assert [bt.entry_history(family['id'], f'e{n}')[-1]['value'] for n in range(50)] == ['bottle 349'] + ['milk'] * 49
     bt.change_counts.clear()  # a restart: counted once again, and still bounded
-    write(bt, family, 'update', 'e0', now=now + 200, value='bottle 200', updated_at=now + 200)
+    write(bt, family, 'update', 'e0', now=now + 400, value='bottle 400', updated_at=now + 400)
     assert bt.one('SELECT COUNT(*) AS n FROM changes')['n'] <= 100
 
 
