@@ -771,7 +771,8 @@ def deleted_entries(family_id, now, days=30, before=2 ** 63 - 1, limit=-1):
     `restore_seq`: their last live version."""
     found = db.execute("""SELECT e.*, (SELECT MAX(seq) FROM changes WHERE entry_id = e.id AND NOT deleted) AS restore_seq
                           FROM entries e JOIN changes c ON c.seq = e.seq
-                          WHERE e.family_id = ? AND e.deleted AND c.at >= ? AND e.seq < ? ORDER BY e.seq DESC LIMIT ?""",
+                          WHERE e.family_id = ? AND e.deleted AND c.at >= ? AND e.seq < ?
+                          ORDER BY e.seq DESC LIMIT ?""",
                        (family_id, now - days * DAY_MS, before, limit))
     return [dict(entry_dict(r), restore_seq=r['restore_seq']) for r in found]
 
@@ -2683,7 +2684,7 @@ def admin_family_add():
 
 
 def family_form(family_id, section, act, gone=None):
-    """Run act(family, form) for a family page form, then 303 back; Invalid or a storage fault: the page again, as typed."""
+    """Run act(family, form) for a family page form, then 303 back; Invalid or a storage fault: the page again, typed."""
     family = family_or_404(family_id)
     data = form_body()  # the JSON API has its own routes for all of this
     try:
@@ -2879,7 +2880,7 @@ def admin_entry_history(family_id, entry_id):
     changes = entry_history(family_id, entry_id, page_before(), PAGE_ROWS + 1)
     if not changes:
         bottle.abort(404, 'No such entry in this family.')
-    older = changes[1]['seq'] if len(changes) > PAGE_ROWS else None  # the next page: the versions before the first shown
+    older = changes[1]['seq'] if len(changes) > PAGE_ROWS else None  # the next page: versions before the first shown
     changes = changes[-PAGE_ROWS:]
     if wants_json():
         return {'changes': changes, 'older': older}
