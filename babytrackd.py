@@ -2684,7 +2684,7 @@ def admin_family_add():
 
 
 def family_form(family_id, section, act, gone=None):
-    """Run act(family, form) for a family page form, then 303 back; Invalid or a storage fault: the page again, typed."""
+    """Run act(family, form) for a family page form, then 303 back; Invalid or a storage fault: the page, as typed."""
     family = family_or_404(family_id)
     data = form_body()  # the JSON API has its own routes for all of this
     try:
