@@ -296,6 +296,7 @@ def open_db(path=None):
 STORAGE_ERRORS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN,
                   sqlite3.SQLITE_BUSY}
 STORAGE_RETRY = 5  # seconds a client is asked to wait after a storage fault
+STORAGE_MESSAGE = f'The server cannot save right now; nothing was changed. Please try again in {STORAGE_RETRY} seconds.'
 storage = {'fault': None, 'faults': 0}  # the last write's storage error (None once a write succeeds); a count
 
 
@@ -752,11 +753,13 @@ def change_dict(row):
     return dict(row, deleted=bool(row['deleted']))
 
 
-def entry_history(family_id, entry_id):
-    """Return every version of one of the family's entries, oldest first (empty for another family's)."""
-    return [change_dict(r) for r in db.execute(
+def entry_history(family_id, entry_id, before=2 ** 63 - 1, limit=-1):
+    """Return the newest `limit` versions before seq `before` of one of the family's entries, oldest first
+    (empty for another family's)."""
+    return [change_dict(r) for r in reversed(db.execute(
         """SELECT seq, ts, type, value, deleted, updated_at, by, at FROM changes
-           WHERE entry_id = ? AND family_id = ? ORDER BY seq""", (entry_id, family_id))]
+           WHERE entry_id = ? AND family_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?""",
+        (entry_id, family_id, before, limit)).fetchall())]
 
 
 def family_changes(family_id):
@@ -766,12 +769,14 @@ def family_changes(family_id):
            WHERE family_id = ? ORDER BY seq""", (family_id,))]
 
 
-def deleted_entries(family_id, now, days=30):
-    """Return the entries deleted in the last `days` days, newest first, with `restore_seq`: their last live version."""
+def deleted_entries(family_id, now, days=30, before=2 ** 63 - 1, limit=-1):
+    """Return `limit` of the entries deleted in the last `days` days before seq `before`, newest first, with
+    `restore_seq`: their last live version."""
     found = db.execute("""SELECT e.*, (SELECT MAX(seq) FROM changes WHERE entry_id = e.id AND NOT deleted) AS restore_seq
                           FROM entries e JOIN changes c ON c.seq = e.seq
-                          WHERE e.family_id = ? AND e.deleted AND c.at >= ? ORDER BY e.seq DESC""",
-                       (family_id, now - days * DAY_MS))
+                          WHERE e.family_id = ? AND e.deleted AND c.at >= ? AND e.seq < ?
+                          ORDER BY e.seq DESC LIMIT ?""",
+                       (family_id, now - days * DAY_MS, before, limit))
     return [dict(entry_dict(r), restore_seq=r['restore_seq']) for r in found]
 
 
@@ -842,6 +847,31 @@ def check_family_room(family_id, seq, new):
     entry_counts[family_id] = (count + new, seq)
 
 
+change_counts = {}  # family id -> (change-log rows, its highest seq then, where the last trim stopped): as entry_counts
+
+
+def trim_changes(family_id, seq):
+    """Keep a family's change log within 2 x FAMILY_MAX_ENTRIES rows before row `seq` joins it: past that, drop
+    its oldest versions that no entry holds now, a hundredth of the bound at a time so the next writes drop none."""
+    top = db.execute('SELECT MAX(seq) FROM changes WHERE family_id = ?', (family_id,)).fetchone()[0]
+    count, seen, low = change_counts.get(family_id, (None, None, 0))
+    if count is None or seen != top:
+        count, low = db.execute('SELECT COUNT(*) FROM changes WHERE family_id = ?', (family_id,)).fetchone()[0], 0
+    # at most FAMILY_MAX_ENTRIES versions are current, so there is always enough to drop; the search goes on from
+    # where the last one stopped (not past every current version again), and from the start when a version
+    # below that was superseded since
+    for start in (low, 0) if count >= 2 * FAMILY_MAX_ENTRIES else ():
+        want = count + 1 - 2 * FAMILY_MAX_ENTRIES + FAMILY_MAX_ENTRIES // 50
+        dropped = [row[0] for row in db.execute("""DELETE FROM changes WHERE seq IN (
+                     SELECT seq FROM changes c WHERE family_id = ? AND seq > ? AND NOT EXISTS
+                       (SELECT 1 FROM entries WHERE seq = c.seq) ORDER BY seq LIMIT ?) RETURNING seq""",
+                                                   (family_id, start, want))]
+        count, low = count - len(dropped), max(dropped, default=low)
+        if len(dropped) == want:
+            break
+    change_counts[family_id] = (count + 1, seq, low)
+
+
 def apply_entry(family_id, action, message, by, now=None):
     """Apply one client write under the sync rules; return (outcome, action, entry).
 
@@ -882,6 +912,7 @@ def apply_entry(family_id, action, message, by, now=None):
                    (fields['id'], family_id, new['ts'], new['type'], new['value'], int(new['deleted']),
                     new['updated_at'], seq, by))
         # the change log, in the same transaction; an entry's seq only grows, so its rows' seqs are unique too
+        trim_changes(family_id, seq)
         db.execute("""INSERT INTO changes (seq, entry_id, family_id, ts, type, value, deleted, updated_at, by, at)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", (seq, fields['id'], family_id, new['ts'], new['type'],
                                                                 new['value'], int(new['deleted']), new['updated_at'], by, now))
@@ -1391,7 +1422,7 @@ def password_matches(password, password_hash):
 def hash_cost(password_hash):
     """Return a bcrypt hash's cost (the NN of $2b$NN$...), within what bcrypt accepts."""
     part = password_hash.split('$')[2:3]
-    return min(max(int(part[0]), 4), 31) if part and part[0].isdigit() else BCRYPT_ROUNDS
+    return min(max(int(part[0]), 4), 31) if part and re.fullmatch('[0-9]{1,18}', part[0]) else BCRYPT_ROUNDS
 
 
 # A hash to check against when the username is unknown, made with the admin hash's own cost (an
@@ -2079,7 +2110,7 @@ def error_handler(error):
     if storage_error(error.exception):  # disk full, read-only, I/O error: nothing was saved
         response.status = 503
         response.set_header('Retry-After', str(STORAGE_RETRY))
-        message = f'The server cannot save right now; nothing was changed. Please try again in {STORAGE_RETRY} seconds.'
+        message = STORAGE_MESSAGE
     elif error.status_code >= 500:  # Bottle has written the traceback to wsgi.errors, our log
         message = 'Something went wrong on the server. Please try again.'
     else:
@@ -2239,7 +2270,7 @@ def ws_link(environ):
     if req.query.get('family') != link['family_id']:
         return None, (403, 'This link is for another family.')
     since = req.query.get('since', '0')
-    if not since.isdigit() or len(since) > 18:
+    if not re.fullmatch('[0-9]{1,18}', since):
         return None, (400, 'since must be a whole number.')
     if sum(peer.token == link['token'] for peer in hub.peers(link['family_id'])) >= WS_SOCKETS_PER_LINK:
         return None, (429, f'This link is open on {WS_SOCKETS_PER_LINK} devices already. Close one and try again.')
@@ -2404,7 +2435,7 @@ def admin_family_show(family_id):
     """A family's detail (JSON) or page."""
     family = family_or_404(family_id)
     limit = request.query.get('limit')
-    if limit is not None and not (limit.isdigit() and 0 < int(limit) <= 100_000):
+    if limit is not None and not (re.fullmatch('[0-9]{1,18}', limit) and 0 < int(limit) <= 100_000):
         bottle.abort(400, 'limit must be a whole number from 1 to 100000.')
     if wants_json():
         return dict(family, links=list_links(family_id), config=get_config(family_id), plan=get_plan(family_id),
@@ -2494,7 +2525,7 @@ def admin_family_summary(family_id):
 def admin_family_report(family_id):
     """The family's nights and days, oldest first (`days` 1-60, up to `end`)."""
     family, days, end = family_or_404(family_id), request.query.get('days', '14'), request.query.get('end')
-    if not (days.isdigit() and 1 <= int(days) <= 60):
+    if not (re.fullmatch('[0-9]{1,18}', days) and 1 <= int(days) <= 60):
         bottle.abort(400, 'days must be a whole number from 1 to 60.')
     return night_report(family, int(days), parse_date(end, family['tz']) if end else None)
 
@@ -2656,16 +2687,22 @@ def admin_family_add():
 
 
 def family_form(family_id, section, act, gone=None):
-    """Run act(family, form) for a family page form, then 303 back; Invalid: the page again, as typed."""
+    """Run act(family, form) for a family page form, then 303 back; Invalid or a storage fault: the page, as typed."""
     family = family_or_404(family_id)
     data = form_body()  # the JSON API has its own routes for all of this
     try:
         if act(family, data) is False:  # what it would change was already gone (a second click, an old page)
             raise Invalid(gone)
     except Invalid as error:
-        response.status = 400
-        return page('family', **family_page(family, None, {section: str(error)}, data))
-    redirect(f'/admin/families/{family_id}#{section}', 303)
+        response.status, message = 400, str(error)
+    except sqlite3.Error as error:
+        if not storage_error(error):
+            raise
+        response.status, message = 503, STORAGE_MESSAGE
+        response.set_header('Retry-After', str(STORAGE_RETRY))
+    else:
+        redirect(f'/admin/families/{family_id}#{section}', 303)
+    return page('family', **family_page(family, None, {section: message}, data))
 
 
 @app.post('/admin/families/<family_id>/edit')
@@ -2827,18 +2864,31 @@ def publish_entry(family_id, action, entry):
     hub.broadcast(family_id, {'type': 'entry', 'action': action, 'entry': entry})
 
 
+PAGE_ROWS = 500  # versions or tombstones on one page; older ones are a link (`?before=`) away
+
+
+def page_before():
+    """Return the `before` (a seq) of a paged list: where an older page starts, past every seq when absent."""
+    before = request.query.get('before')
+    if before is not None and not re.fullmatch('[0-9]{1,18}', before):
+        bottle.abort(400, 'before must be a whole number.')
+    return 2 ** 63 - 1 if before is None else int(before)
+
+
 @app.get('/admin/families/<family_id>/entries/<entry_id>/history')
 @admin_required
 def admin_entry_history(family_id, entry_id):
-    """Every version of one entry, oldest first, each restorable."""
+    """The newest PAGE_ROWS versions of one entry before `before` (a seq), oldest first, each restorable."""
     family = family_or_404(family_id)
-    changes = entry_history(family_id, entry_id)
+    changes = entry_history(family_id, entry_id, page_before(), PAGE_ROWS + 1)
     if not changes:
         bottle.abort(404, 'No such entry in this family.')
+    older = changes[1]['seq'] if len(changes) > PAGE_ROWS else None  # the next page: versions before the first shown
+    changes = changes[-PAGE_ROWS:]
     if wants_json():
-        return {'changes': changes}
-    now = now_ms()
-    return page('family_history', family=family, entry_id=entry_id, changes=changes, current=changes[-1]['seq'],
+        return {'changes': changes, 'older': older}
+    now, current = now_ms(), one('SELECT seq FROM entries WHERE id = ?', entry_id)['seq']
+    return page('family_history', family=family, entry_id=entry_id, changes=changes, current=current, older=older,
                 when=lambda ms: when(ms, family['tz'], now))
 
 
@@ -2849,7 +2899,7 @@ def admin_entry_restore(family_id, entry_id):
     family_or_404(family_id)
     data = form_or_json()
     seq = data.get('seq')  # a number in JSON, digits in a form
-    seq = int(seq) if isinstance(seq, str) and seq.isdigit() else check_int(seq, 'seq')
+    seq = int(seq) if isinstance(seq, str) and re.fullmatch('[0-9]{1,18}', seq) else check_int(seq, 'seq')
     answer = restore_entry(family_id, entry_id, seq, request.environ['babytrackd.session']['username'])
     if answer is None:
         bottle.abort(404, 'This entry has no such version in this family.')
@@ -2865,12 +2915,15 @@ def admin_entry_restore(family_id, entry_id):
 @app.get('/admin/families/<family_id>/deleted')
 @admin_required
 def admin_family_deleted(family_id):
-    """Entries deleted in the last 30 days, newest first, each restorable."""
+    """PAGE_ROWS of the entries deleted in the last 30 days before `before` (a seq), newest first, each restorable."""
     family, now = family_or_404(family_id), now_ms()
-    entries = deleted_entries(family_id, now)
+    entries = deleted_entries(family_id, now, before=page_before(), limit=PAGE_ROWS + 1)
+    older = entries[PAGE_ROWS - 1]['seq'] if len(entries) > PAGE_ROWS else None
+    entries = entries[:PAGE_ROWS]
     if wants_json():
-        return {'entries': entries}
-    return page('family_deleted', family=family, entries=entries, when=lambda ms: when(ms, family['tz'], now))
+        return {'entries': entries, 'older': older}
+    return page('family_deleted', family=family, entries=entries, older=older,
+                when=lambda ms: when(ms, family['tz'], now))
 
 
 # Files a preview shows wait here for its Import button: at most IMPORT_HELD of them (the oldest goes first),

@@ -89,9 +89,11 @@ def test_history_after_add_update_delete_and_restore(bt, logged_in):
     assert stored == [entry]
     after = logged_in.get(path + '/history', headers={'Accept': 'application/json'}).json['changes']
     assert versions(after) == versions(changes) + [(now - HOUR, 'feed', 'bottle', False, 'jane')]
-    # the page: every version, who and when, a restore button on all but the current one
+    # the page: every version, who and when, a restore button on all but the current one and the deletion
     page = logged_in.get(path + '/history')
-    assert page.text.count('Restore this version') == 3 and 'jane' in page.text and 'Dad' in page.text
+    assert page.text.count('Restore this version') == 2 and 'jane' in page.text and 'Dad' in page.text
+    deletion = page.html.select('.versions li')[2]
+    assert deletion.select_one('.badge').get_text() == 'deleted' and deletion.select_one('form') is None
     assert page.text.count('badge online">current') == 1
     again = logged_in.post_json(path + '/restore', {'seq': changes[0]['seq']}).json['entry']  # already current
     assert again == entry and len(bt.entry_history(family['id'], 'e1')) == 4
@@ -251,6 +253,59 @@ def test_a_file_over_5_mib_is_refused_and_stores_nothing(server, admin):
     assert status == 400 and 'Line 1' in answer['error']
     assert admin.family(family_id)['entries'] == []
     assert server.healthy()
+
+
+def test_the_change_log_drops_the_oldest_superseded_versions_and_keeps_every_current_one(bt, logged_in, monkeypatch):
+    monkeypatch.setattr(bt, 'FAMILY_MAX_ENTRIES', 50)
+    family, now = bt.create_family('Olivia'), bt.now_ms()
+    for n in range(50):  # the family at its cap: 50 current versions, the oldest rows of its log
+        write(bt, family, 'add', f'e{n}', now=now, ts=now - HOUR, type='feed', value='bottle', updated_at=now)
+    for n in range(1, 200):
+        write(bt, family, 'update', 'e0', now=now + n, value=f'bottle {n}', updated_at=now + n)
+    assert bt.one('SELECT COUNT(*) AS n FROM changes')['n'] <= 100
+    assert all(bt.entry_history(family['id'], f'e{n}')[-1]['value'] == 'bottle' for n in range(1, 50))
+    kept = [c['value'] for c in bt.entry_history(family['id'], 'e0')]
+    assert kept[-1] == 'bottle 199' and kept == [f'bottle {n}' for n in range(200 - len(kept), 200)]  # the newest kept
+    count, top, _ = bt.change_counts[family['id']]
+    bt.change_counts[family['id']] = (count, top, top)  # as if every version after the last trim were current
+    for n in range(1, 50):  # versions from before the last trim superseded now: the next trims find them too
+        write(bt, family, 'update', f'e{n}', now=now + 300, value='milk', updated_at=now + 300)
+        write(bt, family, 'update', 'e0', now=now + 300 + n, value=f'bottle {300 + n}', updated_at=now + 300 + n)
+    assert bt.one('SELECT COUNT(*) AS n FROM changes')['n'] <= 100
+    assert [bt.entry_history(family['id'], f'e{n}')[-1]['value'] for n in range(50)] == ['bottle 349'] + ['milk'] * 49
+    bt.change_counts.clear()  # a restart: counted once again, and still bounded
+    write(bt, family, 'update', 'e0', now=now + 400, value='bottle 400', updated_at=now + 400)
+    assert bt.one('SELECT COUNT(*) AS n FROM changes')['n'] <= 100
+
+
+def test_long_history_and_deleted_lists_page_back_with_an_older_link(bt, logged_in, monkeypatch):
+    monkeypatch.setattr(bt, 'PAGE_ROWS', 3)
+    family, now = bt.create_family('Olivia'), bt.now_ms()
+    for n in range(7):
+        write(bt, family, 'add' if n == 0 else 'update', 'e1', now=now + n, ts=now - HOUR, type='feed',
+              value=f'bottle {n}', updated_at=now + n)
+    path, accept = f"/admin/families/{family['id']}/entries/e1/history", {'Accept': 'application/json'}
+    seen, before = [], ''
+    while True:
+        answer = logged_in.get(path + before, headers=accept).json
+        seen[:0] = [c['value'] for c in answer['changes']]
+        if answer['older'] is None:
+            break
+        before = f"?before={answer['older']}"
+    assert seen == [f'bottle {n}' for n in range(7)]
+    page = logged_in.get(path)
+    assert [li.select_one('.event').get_text() for li in page.html.select('.versions li')] == [
+        'feed: bottle 4', 'feed: bottle 5', 'feed: bottle 6']
+    older = page.click('Older versions')
+    assert 'feed: bottle 1' in older.text and 'bottle 4' not in older.text and 'badge online">current' not in older.text
+    for n in range(4):
+        write(bt, family, 'add', f'd{n}', now=now, ts=now - HOUR, type='nappy', value='wet', updated_at=now)
+        write(bt, family, 'delete', f'd{n}', now=now + 10 + n, updated_at=now + 10 + n)
+    deleted = logged_in.get(f"/admin/families/{family['id']}/deleted")
+    assert [a.get_text() for a in deleted.html.select('tbody tr button')] == ['Restore'] * 3
+    rest = deleted.click('Older deletions')
+    assert len(rest.html.select('tbody tr')) == 1 and '/entries/d0/' in rest.text and 'Older deletions' not in rest.text
+    logged_in.get(path + '?before=%B2', headers=accept, status=400)
 
 
 # Import ------------------------------------------------------------------------------------------

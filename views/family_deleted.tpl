@@ -1,4 +1,5 @@
-%# Recently deleted: expects family, entries (tombstones of the last 30 days, newest first, with restore_seq), when, csrf.
+%# Recently deleted: expects family, entries (a page of the last 30 days' tombstones, newest first, with restore_seq),
+%# older (the `before` of the next page, or None), when, csrf.
 % rebase('base.tpl', title='Recently deleted · ' + family['name'])
 <main>
 <div class="heading">
@@ -36,5 +37,8 @@
 </tbody>
 </table>
 </section>
+% if older:
+<p class="actions"><a href="?before={{older}}" rel="next">Older deletions →</a></p>
+% end
 % end
 </main>
