@@ -448,29 +448,34 @@ def test_the_last_night_card_equals_the_servers_report_for_a_night_window_of_its
     family = admin.create_family('Baby Report', tz='Australia/Sydney')
     admin.update_family(family['id'], night_start='20:00', night_end='06:30')
     link = admin.create_link(family['id'], 'Dad')
-    zone, minute = zoneinfo.ZoneInfo(family['tz']), 60000
+    zone = zoneinfo.ZoneInfo(family['tz'])
     noon = dt.datetime.now(zone).replace(hour=12, minute=0, second=0, microsecond=0)
     if noon > dt.datetime.now(zone):
         noon -= dt.timedelta(days=1)
     date = noon.date() - dt.timedelta(days=1)  # the phone's clock reads that noon: last night is over
-    start = int(dt.datetime(date.year, date.month, date.day, 20, tzinfo=zone).timestamp() * 1000)
+
+    def at(clock, next_day=False):
+        """The instant of wall clock 'HH:MM[:SS]' on `date` (or the day after) there; a change night is 9 or 11 h."""
+        day = date + dt.timedelta(days=next_day)
+        return int(dt.datetime.combine(day, dt.time.fromisoformat(clock), zone).timestamp() * 1000)
+
     seed(server, family['id'], link['token'], [
-        ('down', start - 45 * minute, 'sleep', 'sleeping'),       # 19:15: carried in, counts from 20:00
-        ('up-1', start + 150 * minute, 'sleep', 'awake'), ('down-1', start + 170 * minute, 'sleep', 'sleeping'),
-        ('gone', start + 200 * minute, 'sleep', 'awake'),         # deleted below: no third waking
-        ('up-2', start + 300 * minute, 'sleep', 'awake'),
-        ('down-2', start + 319 * minute + 30000, 'sleep', 'sleeping'),  # 01:19:30: half minutes round like Python
-        ('again', start + 400 * minute, 'sleep', 'sleeping'),      # a second tap of the same state: one sleep
-        ('feed', start + 240 * minute, 'feed', 'bottle'),
-        ('morning', start + 660 * minute, 'sleep', 'awake')])     # 07:00, after the night's end
+        ('down', at('19:15'), 'sleep', 'sleeping'),               # carried in: counts from 20:00
+        ('up-1', at('22:30'), 'sleep', 'awake'), ('down-1', at('22:50'), 'sleep', 'sleeping'),
+        ('gone', at('23:20'), 'sleep', 'awake'),                  # deleted below: no third waking
+        ('feed', at('23:40'), 'feed', 'bottle'),
+        ('up-2', at('01:00', True), 'sleep', 'awake'),
+        ('down-2', at('01:19:30', True), 'sleep', 'sleeping'),    # half minutes round like Python: to even
+        ('again', at('04:00', True), 'sleep', 'sleeping'),        # a second tap of the same state: one sleep
+        ('morning', at('07:00', True), 'sleep', 'awake')])        # after the night's end
     device = Device(server, family['id'], link['token'])
     device.send({'type': 'entry', 'action': 'delete', 'id': 'gone', 'updated_at': int(time.time() * 1000)})
     assert device.entry_echo('gone')['entry']['deleted']
     device.close()
     night = admin.ok('GET', f"/admin/families/{family['id']}/report?days=1&end={date}")['days'][0]['night']
-    # 20:00-22:30, 22:50-01:00 and 01:19:30-06:30 asleep: 590.5 and 310.5 minutes, rounded to even.
+    asleep = [at('22:30') - at('20:00'), at('01:00', True) - at('22:50'), at('06:30', True) - at('01:19:30', True)]
     assert (night['sleep_minutes'], night['wakings'], night['longest_stretch_minutes'], night['complete']) == (
-        590, 2, 310, True)
+        round(sum(asleep) / 60000), 2, round(max(asleep) / 60000), True)  # 590 and 310 on a night of 10.5 h
 
     context = phones.new_context()
     context.clock.install(time=noon)
@@ -481,9 +486,9 @@ def test_the_last_night_card_equals_the_servers_report_for_a_night_window_of_its
     # A night that starts after midnight ends that same morning; the phone learns the window at its next /app/me.
     admin.update_family(family['id'], night_start='00:30', night_end='08:00')
     night = admin.ok('GET', f"/admin/families/{family['id']}/report?days=1&end={date}")['days'][0]['night']
-    # 00:30-01:00 and 01:19:30-07:00 asleep.
+    asleep = [at('01:00', True) - at('00:30', True), at('07:00', True) - at('01:19:30', True)]
     assert (night['sleep_minutes'], night['wakings'], night['longest_stretch_minutes'], night['complete']) == (
-        370, 1, 340, True)
+        round(sum(asleep) / 60000), 1, round(max(asleep) / 60000), True)  # 370 and 340 on a night of 7.5 h
     page.reload()
     expect(page.locator('#night-title')).to_have_text('Last night')
     expect_night_card(page, night)
