@@ -560,7 +560,7 @@ def revoke_link(family_id, token):
 
 def check_link(token):
     """Return (link, None) for a working link, else (None, (status, reason, message))."""
-    row = one("""SELECT l.*, f.name AS family_name, f.archived, f.tz FROM access_links l
+    row = one("""SELECT l.*, f.name AS family_name, f.archived, f.tz, f.night_start, f.night_end FROM access_links l
                  JOIN families f ON f.id = l.family_id WHERE l.token = ?""", token) if token else None
     if not row:
         return None, (404, 'unknown', 'This link is not valid. Ask your consultant for a new one.')
@@ -2227,7 +2227,8 @@ def app_me():
     link, refused = cookie_link()
     if refused:
         return refused
-    return {'family': {'id': link['family_id'], 'name': link['family_name'], 'tz': link['tz']},
+    return {'family': {'id': link['family_id'], 'name': link['family_name'], 'tz': link['tz'],
+                       'night_start': link['night_start'], 'night_end': link['night_end']},
             'label': link['label'], 'expires_at': link['expires_at']}
 
 

@@ -430,3 +430,86 @@ def test_last_night_the_plans_next_item_janes_notes_and_a_parents_own_note(serve
         ('note', 'Calpol 2 am')]
     assert serious_violations(page) == []
     assert phones.errors == []
+
+
+def minutes_text(minutes):
+    """The card's form of a number of minutes, as the app's minutesText writes it."""
+    return f'{minutes // 60}h {minutes % 60}m' if minutes >= 60 else f'{minutes}m'
+
+
+def expect_night_card(page, night):
+    """The Last night card shows the server's report row `night`, number for number."""
+    expect(page.locator('#night-sleep')).to_have_text(minutes_text(night['sleep_minutes']))
+    expect(page.locator('#night-wakings')).to_have_text(str(night['wakings']))
+    expect(page.locator('#night-longest')).to_have_text(minutes_text(night['longest_stretch_minutes']))
+
+
+def test_the_last_night_card_equals_the_servers_report_for_a_night_window_of_its_own(server, admin, phones):
+    family = admin.create_family('Baby Report', tz='Australia/Sydney')
+    admin.update_family(family['id'], night_start='20:00', night_end='06:30')
+    link = admin.create_link(family['id'], 'Dad')
+    zone = zoneinfo.ZoneInfo(family['tz'])
+    noon = dt.datetime.now(zone).replace(hour=12, minute=0, second=0, microsecond=0)
+    if noon > dt.datetime.now(zone):
+        noon -= dt.timedelta(days=1)
+    date = noon.date() - dt.timedelta(days=1)  # the phone's clock reads that noon: last night is over
+
+    def at(clock, next_day=False):
+        """The instant of wall clock 'HH:MM[:SS]' on `date` (or the day after) there; a change night is 9 or 11 h."""
+        day = date + dt.timedelta(days=next_day)
+        return int(dt.datetime.combine(day, dt.time.fromisoformat(clock), zone).timestamp() * 1000)
+
+    seed(server, family['id'], link['token'], [
+        ('down', at('19:15'), 'sleep', 'sleeping'),               # carried in: counts from 20:00
+        ('up-1', at('22:30'), 'sleep', 'awake'), ('down-1', at('22:50'), 'sleep', 'sleeping'),
+        ('gone', at('23:20'), 'sleep', 'awake'),                  # deleted below: no third waking
+        ('feed', at('23:40'), 'feed', 'bottle'),
+        ('up-2', at('01:00', True), 'sleep', 'awake'),
+        ('down-2', at('01:19:30', True), 'sleep', 'sleeping'),    # half minutes round like Python: to even
+        ('again', at('04:00', True), 'sleep', 'sleeping'),        # a second tap of the same state: one sleep
+        ('morning', at('07:00', True), 'sleep', 'awake')])        # after the night's end
+    device = Device(server, family['id'], link['token'])
+    device.send({'type': 'entry', 'action': 'delete', 'id': 'gone', 'updated_at': int(time.time() * 1000)})
+    assert device.entry_echo('gone')['entry']['deleted']
+    device.close()
+    night = admin.ok('GET', f"/admin/families/{family['id']}/report?days=1&end={date}")['days'][0]['night']
+    asleep = [at('22:30') - at('20:00'), at('01:00', True) - at('22:50'), at('06:30', True) - at('01:19:30', True)]
+    assert (night['sleep_minutes'], night['wakings'], night['longest_stretch_minutes'], night['complete']) == (
+        round(sum(asleep) / 60000), 2, round(max(asleep) / 60000), True)  # 590 and 310 on a night of 10.5 h
+
+    context = phones.new_context()
+    context.clock.install(time=noon)
+    page = phones.open(link, context)
+    expect(page.locator('#night-title')).to_have_text('Last night')
+    expect_night_card(page, night)
+
+    # A night that starts after midnight ends that same morning; the phone learns the window at its next /app/me.
+    admin.update_family(family['id'], night_start='00:30', night_end='08:00')
+    night = admin.ok('GET', f"/admin/families/{family['id']}/report?days=1&end={date}")['days'][0]['night']
+    asleep = [at('01:00', True) - at('00:30', True), at('07:00', True) - at('01:19:30', True)]
+    assert (night['sleep_minutes'], night['wakings'], night['longest_stretch_minutes'], night['complete']) == (
+        round(sum(asleep) / 60000), 1, round(max(asleep) / 60000), True)  # 370 and 340 on a night of 7.5 h
+    page.reload()
+    expect(page.locator('#night-title')).to_have_text('Last night')
+    expect_night_card(page, night)
+    assert phones.errors == []
+
+
+def test_an_open_night_with_the_default_window_equals_the_servers_report_so_far(server, admin, phones):
+    offset = (1 - dt.datetime.now(dt.timezone.utc).hour + 12) % 24 - 12  # about 01:00 there: the night is open
+    family = admin.create_family('Baby Tonight', tz=f'Etc/GMT{-offset:+d}' if offset else 'UTC')
+    link = admin.create_link(family['id'], 'Gran')
+    zone, minute, now = zoneinfo.ZoneInfo(family['tz']), 60000, int(time.time() * 1000)
+    date = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+    start = int(dt.datetime(date.year, date.month, date.day, 19, tzinfo=zone).timestamp() * 1000)
+    seed(server, family['id'], link['token'], [
+        ('down', start + 30 * minute, 'sleep', 'sleeping'),
+        ('up', start + 180 * minute, 'sleep', 'awake'), ('down-1', start + 195 * minute, 'sleep', 'sleeping'),
+        ('up-1', now - 20 * minute, 'sleep', 'awake')])  # still awake: not a waking yet
+    row = admin.ok('GET', f"/admin/families/{family['id']}/report?days=1")['days'][0]
+    assert (row['date'], row['night']['wakings'], row['night']['complete']) == (str(date), 1, False)
+
+    page = phones.open(link)
+    expect(page.locator('#night-title')).to_have_text('Last night so far')
+    expect_night_card(page, row['night'])
+    assert phones.errors == []

@@ -421,8 +421,8 @@ def test_a_share_link_sets_the_cookie_and_opens_the_app(logged_in, web):
     assert f"bt_link={link['token']}" in cookie and 'HttpOnly' in cookie and 'samesite=lax' in cookie.lower()
     assert 'Path=/' in cookie
     me = web.get('/app/me').json
-    assert me == {'family': {'id': family['id'], 'name': 'Baby <Smith>', 'tz': 'UTC'}, 'label': 'Mum',
-                  'expires_at': None}
+    assert me == {'family': {'id': family['id'], 'name': 'Baby <Smith>', 'tz': 'UTC', 'night_start': '19:00',
+                             'night_end': '07:00'}, 'label': 'Mum', 'expires_at': None}
 
 
 @pytest.mark.parametrize('spoil, status, words', [

@@ -278,6 +278,13 @@ function stateBefore(category, ms) {
   return null;
 }
 
+/** Whole minutes of `ms` rounded as the server's Python does: an exact half goes to the even minute. */
+function toMinutes(ms) {
+  const m = ms / 60000;
+  const r = Math.round(m);
+  return r - m === 0.5 && r % 2 ? r - 1 : r;
+}
+
 /** Minutes in the counted states of a stateful category within [from, to). */
 function countedMinutes(category, list, from, to) {
   const group = state.config.find((g) => g.category === category && g.stateful);
@@ -293,7 +300,7 @@ function countedMinutes(category, list, from, to) {
     const begin = Math.max(e.ts, from);
     if (stop > begin) ms += stop - begin;
   });
-  return Math.round(ms / 60000);
+  return toMinutes(ms);
 }
 
 const clock = (text, fallback) => /^([01]\d|2[0-3]):[0-5]\d$/.test(text || '') ? text : fallback;
@@ -322,7 +329,7 @@ function lastNight(now) {
   let start = atClock(now, 0, from);
   let back = 0;
   if (start > now) { back = -1; start = atClock(now, -1, from); }
-  const end = atClock(now, back + 1, to);
+  const end = atClock(now, back + (from > to), to);   // a night that starts after midnight ends that morning
   const stop = Math.min(end, now);
   const group = state.config.find((g) => g.category === 'sleep' && g.stateful);
   const counted = new Set(group ? group.buttons.filter((b) => b.counted).map((b) => b.label) : []);
@@ -340,12 +347,11 @@ function lastNight(now) {
     else if (ms > 0) spans.push([asleep, ms]);
   });
   const asleep = spans.filter(([a]) => a).map(([, ms]) => ms);
-  const minutes = (ms) => Math.round(ms / 60000);
   return {
     tonight: back === 0, complete: end <= now,
-    sleep_minutes: minutes(asleep.reduce((a, b) => a + b, 0)),
+    sleep_minutes: toMinutes(asleep.reduce((a, b) => a + b, 0)),
     wakings: spans.filter(([a], i) => !a && i > 0 && i < spans.length - 1).length,
-    longest_stretch_minutes: minutes(Math.max(0, ...asleep)),
+    longest_stretch_minutes: toMinutes(Math.max(0, ...asleep)),
   };
 }
 

@@ -7,7 +7,7 @@
  */
 'use strict';
 
-const VERSION = '2026-11-30.2';
+const VERSION = '2026-11-30.3';
 const CACHE = `babytrackd-app-${VERSION}`;
 const SHELL = [
   '/app/',
