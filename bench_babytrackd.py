@@ -227,7 +227,8 @@ class Client:
         return data
 
     def recv(self):
-        """Return the next text message (answering pings on the way)."""
+        """Return the next text message (answering pings on the way; a large init comes in fragments)."""
+        parts = []
         while True:
             first, second = self.read(2)
             size = second & 0x7f
@@ -241,7 +242,9 @@ class Client:
                 continue
             if first & 0x0f == 0x8:
                 raise ConnectionError('closed by the server')
-            return payload.decode()
+            parts.append(payload)
+            if first & 0x80:  # FIN: the message is whole
+                return b''.join(parts).decode()
 
     def read_loop(self):
         try:
