@@ -307,18 +307,25 @@ def storage_error(error):
 
 class transaction:
     """`with transaction():` wraps writes in BEGIN IMMEDIATE/COMMIT; never yield inside one.
-    It keeps `storage` current: a storage fault sets it, a committed change clears it."""
+    It keeps `storage` current: a storage fault sets it, a committed change clears it.
+    Inside one, the same greenlet's `with transaction():` joins it (an import writes a chunk as one commit)."""
+    owner = None  # the greenlet that began the open transaction: another one's BEGIN still fails
 
     def __enter__(self):
+        self.joined = db.in_transaction and transaction.owner is gevent.getcurrent()
+        if self.joined:
+            return db
         try:
             db.execute('BEGIN IMMEDIATE')
         except sqlite3.Error as error:
             self.noted(error)
             raise
-        self.changes = db.total_changes
+        transaction.owner, self.changes = gevent.getcurrent(), db.total_changes
         return db
 
     def __exit__(self, kind, value, trace):
+        if self.joined:
+            return
         try:
             if kind is None:
                 db.execute('COMMIT')
@@ -833,8 +840,8 @@ def wins(new, old):
 entry_counts = {}  # family id -> (entries, the family's highest seq then): counted once, not on every write
 
 
-def check_family_room(family_id, seq, new):
-    """Refuse a new entry beyond FAMILY_MAX_ENTRIES; `seq` is the one this write is about to take.
+def check_family_room(family_id, seq, new, room=False):
+    """Refuse a new entry beyond FAMILY_MAX_ENTRIES (unless an import checked its `room`); `seq` is the one it will take.
     The count is kept while the family's highest seq is one we gave it; after any other writer, the next new entry recounts."""
     top = db.execute('SELECT MAX(seq) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
     count, seen = entry_counts.get(family_id, (None, None))
@@ -842,7 +849,7 @@ def check_family_room(family_id, seq, new):
         if not new:
             return
         count = db.execute('SELECT COUNT(*) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
-    if new and count >= FAMILY_MAX_ENTRIES:
+    if new and not room and count >= FAMILY_MAX_ENTRIES:
         raise Invalid(f'this family has reached its limit of {FAMILY_MAX_ENTRIES} entries')
     entry_counts[family_id] = (count + new, seq)
 
@@ -872,11 +879,11 @@ def trim_changes(family_id, seq):
     change_counts[family_id] = (count + 1, seq, low)
 
 
-def apply_entry(family_id, action, message, by, now=None):
+def apply_entry(family_id, action, message, by, now=None, room=False):
     """Apply one client write under the sync rules; return (outcome, action, entry).
 
     outcome is 'accepted' (broadcast to the family), 'repeat' or 'stale' (answer the sender alone).
-    Raises Invalid for a message that must be refused.
+    Raises Invalid for a message that must be refused. room: the family's room was checked already (an import's).
     """
     now = now_ms() if now is None else now
     if action == 'delete':
@@ -904,7 +911,7 @@ def apply_entry(family_id, action, message, by, now=None):
         if stored and not wins(new, stored):
             return 'stale', 'update', stored
         seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]
-        check_family_room(family_id, seq, new=stored is None)
+        check_family_room(family_id, seq, new=stored is None, room=room)
         db.execute("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                       ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, type = excluded.type, value = excluded.value,
@@ -939,6 +946,15 @@ def restore_entry(family_id, entry_id, seq, by, now=None):
 IMPORT_MAX = 5 * 1024 * 1024
 HUCKLEBERRY_COLUMNS = {'Type', 'Start', 'End', 'Start Condition', 'Start Location', 'End Condition'}
 BREAST_SIDES = re.compile(r'(\d+):(\d+)(?::\d+)?\s*([LR])\b', re.IGNORECASE)  # '0:10R', '00:04L', '0:10L, 0:05R'
+IMPORT_CHUNK, IMPORT_TURN = 200, 0.005  # entries per transaction; seconds an import may hold the loop between turns
+last_turn = [0.0]
+
+
+def take_turn():
+    """Give the event loop a turn if an import has held it IMPORT_TURN seconds (never inside a transaction)."""
+    if time.perf_counter() - last_turn[0] >= IMPORT_TURN:
+        gevent.idle()  # sleep(0) could run this greenlet again before the loop looks at sockets
+        last_turn[0] = time.perf_counter()
 
 
 def import_id(family_id, *source):
@@ -992,28 +1008,33 @@ def huckleberry_rows(text, family):
         except Invalid as error:
             raise Invalid(f'{where}: {error}') from None
         # logged as it happened (updated_at = ts); the id stays the same however the notes change later
-        yield where, None, made if isinstance(made, str) else [
+        yield where, None, made if isinstance(made, str) else (  # made one at a time: a feed cell can list 20,000
             {'id': import_id(family['id'], 'huckleberry', row['Type'].strip(), ts, value), 'ts': ts, 'type': kind,
-             'value': value, 'updated_at': ts} for ts, kind, value in made]
+             'value': value, 'updated_at': ts} for ts, kind, value in made)
 
 
-def export_rows(text):
-    """Yield (where, source id, fields) for each entry of babytrackd's JSON or CSV export ('deleted' for a tombstone)."""
-    if text.lstrip().startswith('{'):
-        try:
-            document = parse_json(text)
-        except (ValueError, RecursionError) as error:
-            raise Invalid(f'Line {getattr(error, "lineno", 1)}: this is not valid JSON.') from None
-        listed = document.get('entries') if isinstance(document, dict) else None
-        if not isinstance(listed, list):
-            raise Invalid('Line 1: this JSON is not a babytrackd export (it has no "entries" list).')
-        for number, item in enumerate(listed, start=1):
+def json_export(text):
+    """Return the "entries" list of babytrackd's JSON export, or raise Invalid."""
+    try:
+        document = parse_json(text)  # once per import: the survey's list is the store's (a thread would not help: GIL)
+    except (ValueError, RecursionError) as error:
+        raise Invalid(f'Line {getattr(error, "lineno", 1)}: this is not valid JSON.') from None
+    listed = document.get('entries') if isinstance(document, dict) else None
+    if not isinstance(listed, list):
+        raise Invalid('Line 1: this JSON is not a babytrackd export (it has no "entries" list).')
+    return listed
+
+
+def export_rows(source):
+    """Yield (where, source id, fields) for each entry of babytrackd's JSON (its entries list) or CSV export."""
+    if isinstance(source, list):  # 'deleted' for a tombstone
+        for number, item in enumerate(source, start=1):
             if not isinstance(item, dict):
                 raise Invalid(f'Entry {number}: not an object.')
             fields = {name: item.get(name) for name in ('ts', 'type', 'value', 'updated_at')}
             yield f'Entry {number}', item.get('id', ''), 'deleted' if item.get('deleted') else fields
         return
-    for where, row in csv_rows(text, {'id', 'ts', 'type', 'value'}):
+    for where, row in csv_rows(source, {'id', 'ts', 'type', 'value'}):
         try:
             ts, updated_at = int(row['ts']), int(row.get('updated_at') or row['ts'])
         except ValueError:
@@ -1032,24 +1053,26 @@ def csv_rows(text, columns):
             raise Invalid('Line 1: this is neither a babytrackd export nor a Huckleberry CSV export '
                           '(its first line should name the columns).')
         for cells in reader:
+            take_turn()  # blank records too
             if any(cell.strip() for cell in cells):
                 yield f'Line {reader.line_num}', dict(zip(header, cells + [''] * len(header)))
     except csv.Error as error:  # e.g. a cell over csv's field limit (128 KiB)
         raise Invalid(f'Line {reader.line_num}: this CSV cannot be read ({error}).') from None
 
 
-def import_entries(family, text, now, skipped):
+def import_entries(family, source, now, skipped):
     """Yield an import file's entries, validated; count skipped rows by kind; Invalid names the line."""
-    # Holds only the text: a 5 MiB file is read twice (check, then store) rather than held as ~100,000 entries.
-    header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', text.lstrip())[0].split(',')}
-    rows = huckleberry_rows(text, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(text)
-    for number, (where, source_id, made) in enumerate(rows):
-        if number % 500 == 499:
-            gevent.sleep(0)  # the event loop's turn (never inside a transaction)
+    # Holds a CSV file as its text, read twice (check, then store), rather than as ~800,000 entries.
+    header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', source.lstrip())[0].split(',')} \
+        if isinstance(source, str) else set()
+    rows = huckleberry_rows(source, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(source)
+    for where, source_id, made in rows:
+        take_turn()
         if isinstance(made, str):
             skipped[made] = skipped.get(made, 0) + 1
             continue
         for entry in made if source_id is None else [made]:
+            take_turn()
             try:
                 if source_id is not None:  # an export of this family keeps its ids; another family's get derived ones
                     source_id = validate_entry_fields({'id': source_id}, now, False)['id']
@@ -1060,20 +1083,27 @@ def import_entries(family, text, now, skipped):
                 raise Invalid(f'{where}: {error}') from None
 
 
+def check_import_room(family_id, new):
+    """Refuse an import whose `new` entries would take the family past FAMILY_MAX_ENTRIES."""
+    held = db.execute('SELECT COUNT(*) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
+    if held + new > FAMILY_MAX_ENTRIES:
+        raise Invalid(f'This file would take the family past its limit of {FAMILY_MAX_ENTRIES:,} entries.')
+
+
 def survey_import(family, data, now):
-    """Read a whole import file, storing nothing: return (its text, {entries, skipped, from, to}) or raise Invalid."""
+    """Read a whole import file, storing nothing: return (its source, {entries, skipped, from, to}, new entries)."""
     try:
         text = data.decode('utf-8-sig')
     except UnicodeDecodeError:
         raise Invalid('The file is not UTF-8 text: export it again as CSV or JSON.') from None
-    found = {'entries': 0, 'skipped': {}, 'from': None, 'to': None}
-    for entry in import_entries(family, text, now, found['skipped']):
+    source = json_export(text) if text.lstrip().startswith('{') else text
+    found, new = {'entries': 0, 'skipped': {}, 'from': None, 'to': None}, 0
+    for entry in import_entries(family, source, now, found['skipped']):
         found['entries'] += 1
         found['from'], found['to'] = min(found['from'] or entry['ts'], entry['ts']), max(found['to'] or 0, entry['ts'])
-    held = db.execute('SELECT COUNT(*) FROM entries WHERE family_id = ?', (family['id'],)).fetchone()[0]
-    if held + found['entries'] > FAMILY_MAX_ENTRIES:  # as if none were here yet: an import never stops half way
-        raise Invalid(f'This file would take the family past its limit of {FAMILY_MAX_ENTRIES:,} entries.')
-    return text, found
+        new += one('SELECT 1 AS held FROM entries WHERE id = ?', entry['id']) is None  # again: adds nothing
+    check_import_room(family['id'], new)
+    return source, found, new
 
 
 ###############################################################################
@@ -2947,9 +2977,10 @@ def hold_import(family_id, data):
 def uploaded_file(family_id, form):
     """Return the import file's bytes: the multipart field `file` (413 past IMPORT_MAX), or a held preview's."""
     if form.get('held'):
-        family, expires, data = held_imports.pop(form['held'], (None, 0, None))
-        if family != family_id or expires < time.monotonic():
+        family, expires, data = held_imports.get(form['held'], (None, 0, None))
+        if family != family_id or expires < time.monotonic():  # another family's page leaves it to its own
             raise Invalid('This preview has expired. Choose the file again.')
+        del held_imports[form['held']]
         return data
     upload = request.POST.get('file')
     if upload is None or upload == '':
@@ -2960,14 +2991,21 @@ def uploaded_file(family_id, form):
     return data
 
 
-def store_import(family, text):
-    """Write a surveyed import file's entries as a device's writes are written and pushed; return how many were accepted."""
-    added = 0
-    for entry in import_entries(family, text, now_ms(), {}):
-        outcome, action, stored = apply_entry(family['id'], 'add', {'entry': entry}, 'import')
-        if outcome == 'accepted':
-            publish_entry(family['id'], action, stored)
-            added += 1
+def store_import(family, source, new):
+    """Write a surveyed import's entries as a device's are, IMPORT_CHUNK to a commit, each chunk pushed after it;
+    return how many were accepted. All or nothing: its room is checked again with the first chunk, then kept."""
+    entries, added = import_entries(family, source, now_ms(), {}), 0
+    chunks = iter(lambda: list(itertools.islice(entries, IMPORT_CHUNK)), [])  # read (its turns taken) outside a commit
+    for number, chunk in enumerate(chunks):
+        with transaction():
+            if number == 0:
+                check_import_room(family['id'], new)
+            written = [apply_entry(family['id'], 'add', {'entry': entry}, 'import', room=True) for entry in chunk]
+        for outcome, action, stored in written:
+            if outcome == 'accepted':
+                publish_entry(family['id'], action, stored)
+                added += 1
+        gevent.idle()
     return added
 
 
@@ -2981,15 +3019,15 @@ def admin_family_import(family_id):
     form = {key: request.forms.getunicode(key) for key in request.forms} if as_json else form_body()
     try:
         data = uploaded_file(family_id, form)
-        text, found = survey_import(family, data, now_ms())
+        source, found, new = survey_import(family, data, now_ms())
+        if form.get('preview') != '1':
+            found['added'] = store_import(family, source, new)
     except Invalid as error:
         if as_json:
             raise
         response.status = 400
         return page('family', **family_page(family, None, {'import': str(error)}))
     held = hold_import(family_id, data) if form.get('preview') == '1' and not as_json else None
-    if form.get('preview') != '1':
-        found['added'] = store_import(family, text)
     if as_json:
         return found
     day = lambda ms: f'{local_time(ms, family["tz"]):%-d %b %Y}'

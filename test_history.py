@@ -472,6 +472,31 @@ def test_import_form_shows_a_bad_file_beside_the_form_and_needs_the_csrf_token(b
     assert counts(bt)['entries'] == 0
 
 
+def test_a_held_preview_posted_from_another_familys_page_is_refused_and_still_imports_on_its_own(bt, logged_in):
+    olivia, noah = bt.create_family('Olivia', tz=LONDON), bt.create_family('Noah', tz=LONDON)
+    form = form_of(logged_in.get(f"/admin/families/{olivia['id']}"), '/import')
+    form['file'] = ('huckleberry.csv', HUCKLEBERRY.encode())
+    preview = form.submit()
+    held = form_of(preview, '/import')
+    own, held.action = held.action, f"/admin/families/{noah['id']}/import"
+    assert 'This preview has expired' in held.submit(status=400).text
+    held.action = own
+    held.submit()
+    assert (len(bt.live_entries(olivia['id'])), bt.live_entries(noah['id'])) == (13, [])
+
+
+def test_a_json_import_is_parsed_once(bt, logged_in, monkeypatch):
+    olivia, copy = bt.create_family('Olivia', tz=LONDON), bt.create_family('Copy', tz=LONDON)
+    now = bt.now_ms()
+    for n in range(3):
+        write(bt, olivia, 'add', f'e{n}', now=now, ts=now - n * HOUR, type='feed', value='bottle', updated_at=now)
+    exported = logged_in.get(f"/admin/families/{olivia['id']}/export.json").body
+    parsed, parse_json = [], bt.parse_json
+    monkeypatch.setattr(bt, 'parse_json', lambda text: parsed.append(len(text)) or parse_json(text))
+    assert upload(logged_in, copy, exported).json['added'] == 3
+    assert parsed == [len(exported)]
+
+
 def test_held_previews_are_bounded(bt, logged_in):
     family = bt.create_family('Olivia', tz=LONDON)
     for _ in range(bt.IMPORT_HELD + 3):
