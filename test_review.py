@@ -157,8 +157,8 @@ def huckleberry_nappies(count, day='2026-01-01'):
 
 
 def test_importing_the_same_file_again_near_the_cap_adds_nothing_and_is_not_refused(bt, logged_in, monkeypatch):
-    """survey_import counts every entry of the file as new: a second import of the same file (which adds 0,
-    CONTRACT section 9) is refused as 'past the limit' once the family holds over half its cap."""
+    """survey_import counted every entry of the file as new: a second import of the same file (which adds 0)
+    was refused as 'past the limit' once the family held over half its cap."""
     monkeypatch.setattr(bt, 'FAMILY_MAX_ENTRIES', 15)
     family = bt.create_family('Olivia', tz=LONDON)
     data = huckleberry_nappies(10)
@@ -226,7 +226,7 @@ def test_csv_export_round_trip_keeps_a_value_that_starts_with_a_quote(bt, logged
 
 def test_pings_between_messages_do_not_count_toward_the_64_kib_limit(tmp_path):
     """Peer.receive adds every frame's length, pings and pongs included, to the message size: ~530 pings of
-    125 bytes between two messages close an honest socket with 1009 (CONTRACT section 13)."""
+    125 bytes between two messages close an honest socket with 1009."""
     server = Server(tmp_path)
     try:
         admin = AdminClient(server)
@@ -252,7 +252,7 @@ def test_pings_between_messages_do_not_count_toward_the_64_kib_limit(tmp_path):
 # 8. An entry's type in a class attribute ---------------------------------------------------------------
 
 def test_an_entry_type_never_becomes_class_names_on_the_family_page(bt, logged_in):
-    """CONTRACT section 13: the day grid (family_day.tpl) and Recent activity (family_activity.tpl) still write
+    """The day grid (family_day.tpl) and Recent activity (family_activity.tpl) still write
     class="event t-{{type}}"; a phone that logs type 'feed visually-hidden' hides its entry from Jane's page."""
     family = bt.create_family('Olivia', tz=LONDON)
     now = bt.now_ms()
@@ -271,7 +271,7 @@ from playwright.sync_api import expect  # noqa: E402
 
 
 def test_the_app_resends_a_tap_refused_for_a_while_after_retry_after(tmp_path, browser):
-    """CONTRACT section 10: a write over budget (or during a storage fault) gets an error with retry_after and no id;
+    """A write over budget (or during a storage fault) gets an error with retry_after and no id;
     'the app keeps its outbox and resends after that'. app.js calls flushOutbox only on init, so the second tap
     waits, unsent, until the socket happens to reconnect."""
     server = Server(tmp_path, WS_WRITE_BURST=1, WS_WRITE_RATE=1)
