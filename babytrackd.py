@@ -1358,6 +1358,25 @@ def night_report(family, days=14, end=None, now=None):
     return {'days': report}
 
 
+flags_cache = {}  # family id -> (what its flags were worked out from, its flags)
+
+
+def cached_flags(families, now):
+    """Return family_flags, working out again only the families whose inputs changed (a write, a link,
+    the plan, the night window, the buttons) or all of them in a new minute (the flags that time brings)."""
+    inputs = {row[0]: (*row[1:], now // 60000) for row in db.execute("""
+        SELECT f.id, (SELECT MAX(seq) FROM changes WHERE family_id = f.id), f.plan, f.night_start, f.night_end,
+               f.archived, f.tz, (SELECT updated_at FROM configs WHERE family_id = f.id),
+               (SELECT group_concat(token || ':' || IFNULL(expires_at, '') || ':' || IFNULL(revoked_at, ''))
+                FROM access_links WHERE family_id = f.id)
+        FROM families f""")}
+    stale = [f for f in families if flags_cache.get(f['id'], (None,))[0] != inputs[f['id']]]
+    if stale:
+        fresh = family_flags(stale, now)
+        flags_cache.update({f['id']: (inputs[f['id']], fresh.get(f['id'], [])) for f in stale})
+    return {f['id']: flags_cache[f['id']][1] for f in families}
+
+
 def family_flags(families, now):
     """Return {family id: [(code, words)...]}: the triage flags of the active ones (README "Triage"), one query for
     all, run apart from the loop."""
@@ -2379,7 +2398,7 @@ def admin_dashboard(error=None, typed=None):
     families = list_families(show_archived)
     today = families_today(families, now)  # its queries run apart: the loop serves sockets meanwhile
     gevent.idle()  # a slice for these rows and one for the page: sleep(0) would not let sockets in
-    flags = family_flags(families, now)
+    flags = cached_flags(families, now)
     gevent.idle()
     families = [dict(family, today=today[family['id']]['totals'],
                      seen=ago(family['last_activity'], now) if family['last_activity'] else 'no entries yet',
@@ -2401,7 +2420,7 @@ def admin_families_list():
     if not wants_json():
         redirect('/admin' + ('?archived=1' if request.query.get('archived') == '1' else ''), 303)
     now, families = now_ms(), list_families(request.query.get('archived') == '1')
-    today, flags = families_today(families, now), family_flags(families, now)
+    today, flags = families_today(families, now), cached_flags(families, now)
     return {'families': [dict(f, today=today[f['id']]['totals'], flags=[code for code, _ in flags.get(f['id'], [])])
                          for f in families]}
 

@@ -674,3 +674,20 @@ def test_flags_and_nights_in_chromium(tmp_path, browser, width):
     finally:
         server.stop()
 
+
+
+def test_the_flags_are_worked_out_again_only_for_families_that_changed(bt, jane, now, monkeypatch):
+    quiet, busy = bt.create_family('Quiet'), bt.create_family('Busy')
+    for family in (quiet, busy):
+        write_day(bt, family, [('2026-10-05 11:00', 'feed', 'bottle')])
+    worked_out = []
+    real = bt.family_flags
+    monkeypatch.setattr(bt, 'family_flags', lambda families, at: worked_out.append(
+        sorted(f['name'] for f in families)) or real(families, at))
+    flags_of(jane)
+    flags_of(jane)  # nothing changed: nothing worked out again
+    bt.create_link(busy['id'], 'Dad', now + 5 * HOUR)
+    assert flags_of(jane) == {'Quiet': [], 'Busy': ['link_expiring']}
+    write_day(bt, quiet, [('2026-10-05 11:30', 'feed', 'bottle')])
+    flags_of(jane)
+    assert worked_out == [['Busy', 'Quiet'], ['Busy'], ['Quiet']]
