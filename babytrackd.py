@@ -1155,10 +1155,13 @@ def spans_between(windows, apart=False):
     args = [value for n, window in enumerate(windows) for value in (n, *window)]
     found = read_apart(sql, args) if apart else db.execute(sql, args).fetchall()
     spans = []
-    for (n, family_id, category, label, since, start, stop), following in zip(found, found[1:] + [(None,) * 7]):
+    for row, ((n, family_id, category, label, since, start, stop), following) in enumerate(
+            zip(found, found[1:] + [(None,) * 7])):
         begin, finish = max(since, start), following[4] if following[0] == n else stop
         if finish > begin:
             spans.append((family_id, category, label, since, begin, finish))
+        if apart and row % 500 == 499:
+            gevent.idle()  # many windows: the sockets get a turn between slices of the pairing
     return spans
 
 
@@ -1218,7 +1221,9 @@ def families_today(families, now):
              for family_id in days}
     windows = [(family_id, category, start, now)
                for family_id, (start, _) in days.items() for category in counted[family_id]]
-    for family_id, category, label, since, begin, finish in spans_between(windows, apart=True):
+    spans = spans_between(windows, apart=True)
+    gevent.idle()
+    for family_id, category, label, since, begin, finish in spans:
         if category == 'sleep' and label in counted[family_id][category]:
             today[family_id]['totals']['sleep_minutes'] += finish - begin
         if finish == now:
@@ -1364,12 +1369,12 @@ flags_cache = {}  # family id -> (what its flags were worked out from, its flags
 def cached_flags(families, now):
     """Return family_flags, working out again only the families whose inputs changed (a write, a link,
     the plan, the night window, the buttons) or all of them in a new minute (the flags that time brings)."""
-    inputs = {row[0]: (*row[1:], now // 60000) for row in db.execute("""
+    inputs = {row[0]: (*row[1:], now // 60000) for row in read_apart("""
         SELECT f.id, (SELECT MAX(seq) FROM changes WHERE family_id = f.id), f.plan, f.night_start, f.night_end,
                f.archived, f.tz, (SELECT updated_at FROM configs WHERE family_id = f.id),
                (SELECT group_concat(token || ':' || IFNULL(expires_at, '') || ':' || IFNULL(revoked_at, ''))
                 FROM access_links WHERE family_id = f.id)
-        FROM families f""")}
+        FROM families f""", ())}
     stale = [f for f in families if flags_cache.get(f['id'], (None,))[0] != inputs[f['id']]]
     if stale:
         fresh = family_flags(stale, now)
