@@ -203,10 +203,11 @@ MIGRATIONS = [
     CREATE INDEX idx_links_family ON access_links(family_id);
     """,
     # 2: the sleep program (night window, plan, coaching notes), the change log (back-filled with
-    # one row per entry), login failures that survive a restart, and no indexes that no query uses.
+    # one row per entry), login failures that survive a restart; idx_entries_family goes (every query
+    # on family_id has a composite index), and spans seek each category's entries directly.
     """
     DROP INDEX idx_entries_family;
-    DROP INDEX idx_entries_updated;
+    CREATE INDEX idx_entries_type ON entries(family_id, type, ts);
     ALTER TABLE families ADD COLUMN night_start TEXT NOT NULL DEFAULT '19:00';
     ALTER TABLE families ADD COLUMN night_end TEXT NOT NULL DEFAULT '07:00';
     ALTER TABLE families ADD COLUMN plan TEXT;
@@ -239,12 +240,6 @@ MIGRATIONS = [
       at INTEGER NOT NULL
     );
     CREATE INDEX idx_login_failures ON login_failures(address, at);
-    """,
-    # 3: spans seek each category's entries (and the state carried into a window) directly; the
-    # families list's last activity is MAX(updated_at) per family, which reads every entry without it.
-    """
-    CREATE INDEX idx_entries_type ON entries(family_id, type, ts);
-    CREATE INDEX idx_entries_updated ON entries(family_id, updated_at);
     """,
 ]
 
