@@ -3381,16 +3381,6 @@ def announce():
                     'can forge %s; listen on 127.0.0.1 behind the proxy', HOST, TRUST_PROXY_HEADER)
 
 
-def give_back_heap():
-    """Hand the OS the heap that start-up freed (compiling this module as __main__ leaves ~4 MB that
-    glibc would otherwise keep); elsewhere than glibc there is nothing to do."""
-    try:
-        import ctypes
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
-        pass
-
-
 def serve(host=HOST, port=PORT):
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
     server = WSGIServer((host, port), logged(app), handler_class=Handler, log=None, error_log=log,
@@ -3402,7 +3392,6 @@ def serve(host=HOST, port=PORT):
     gevent.signal_handler(signal.SIGINT, stopping.set)
     server.start()
     gc.freeze()  # what start-up made lives for good: keep it out of every later collection's scan
-    give_back_heap()
     hub.start()
     if os.environ.get('BABYTRACKD_TEST_MAX_PAGES'):  # tests fill the "disk" with this, and free it with SIGUSR1
         db.execute(f"PRAGMA max_page_count = {int(os.environ['BABYTRACKD_TEST_MAX_PAGES'])}")
