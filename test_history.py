@@ -4,9 +4,7 @@ The rules through WebTest on a real SQLite file; restore and import reaching dev
 limit and a crash (SIGKILL during writes) against a real server process; the pages in Chromium.
 """
 
-import csv
 import datetime as dt
-import io
 import json
 import os
 import random
@@ -24,7 +22,7 @@ import zoneinfo
 import pytest
 
 from conftest import AdminClient, Device, Server, wait_for
-from test_admin import CHROMIUM_ARGS, SHOTS, form_of
+from test_admin import SHOTS, browser, form_of  # noqa: F401 (browser is a fixture)
 from test_reliability import Writer, open_family
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -582,17 +580,6 @@ def test_after_a_crash_the_change_log_and_the_entries_agree(tmp_path):
 
 
 # In a real browser -------------------------------------------------------------------------------
-
-@pytest.fixture
-def browser():
-    sync_api = pytest.importorskip('playwright.sync_api')
-    if not os.path.exists('/usr/bin/chromium'):
-        pytest.skip("Debian's chromium is not installed")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path='/usr/bin/chromium', args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
 
 @pytest.mark.parametrize('width', [390, 1280])
 def test_history_deleted_and_import_preview_in_chromium(server, admin, browser, width, tmp_path):
