@@ -5,8 +5,8 @@ each family time-limited share links, and reads each family's day as an hourly g
 their link and get an offline-first web app (static/app/) that syncs every tap to the family's
 other devices over a WebSocket (/ws). One process, one SQLite file, one module.
 
-Run:    python babytrackd.py            (serves on :8080 with ./babytrack.db)
-        python babytrackd.py backup PATH | vacuum | hash-password
+Run:    python -m babytrackd            (serves on :8080 with ./babytrack.db)
+        python -m babytrackd backup PATH | vacuum | hash-password
 Tests:  pytest -q
 
 Configuration comes from the environment, read once at import:
@@ -63,6 +63,7 @@ import signal
 import socket
 import sqlite3
 import struct
+import threading
 import time
 import uuid
 import zoneinfo
@@ -352,19 +353,34 @@ def rows(sql, *args):
     return [dict(r) for r in db.execute(sql, args)]
 
 
+def apart(function, *args):
+    """Return function(*args), run in gevent's threadpool while the loop goes on serving sockets. The
+    thread runs at idle CPU priority, so it never takes a CPU from the loop (README "Performance")."""
+    def run():
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # Linux: this thread only
+        except (AttributeError, OSError):  # another system, or a sandbox that forbids it: as it was
+            pass
+        return function(*args)
+    return gevent.get_hub().threadpool.apply(run)
+
+
+reader = threading.local()  # each worker thread's own read connection: path, conn
+
+
 def read_apart(sql, args):
-    """Return every row of a read-only query as tuples, run in the threadpool on a connection of its own:
+    """Return every row of a read-only query as tuples, run apart on the worker thread's own connection:
     SQLite works without the GIL while the loop goes on serving sockets."""
     path = db.execute('PRAGMA database_list').fetchone()[2]
 
     def run():
-        reader = sqlite3.connect(path)
-        reader.row_factory = sqlite3.Row  # tuples that can also be read by column name
-        try:
-            return reader.execute(sql, args).fetchall()
-        finally:
-            reader.close()
-    return gevent.get_hub().threadpool.apply(run)
+        if getattr(reader, 'path', None) != path:  # the thread's first read, or another database (tests)
+            if getattr(reader, 'conn', None):
+                reader.conn.close()
+            reader.path, reader.conn = path, sqlite3.connect(path)
+            reader.conn.row_factory = sqlite3.Row  # tuples that can also be read by column name
+        return reader.conn.execute(sql, args).fetchall()
+    return apart(run)
 
 
 ###############################################################################
@@ -432,9 +448,11 @@ def zone_names():
     return frozenset(zoneinfo.available_timezones())
 
 
-def time_zones():
-    """Return the IANA zone names, sorted, for a select box."""
-    return sorted(zone_names())
+@functools.lru_cache(maxsize=16)
+def zone_options(selected):
+    """Return the <option>s of a time zone select box, `selected` chosen: ~600 of them, built once per choice."""
+    return ''.join(f'<option{" selected" if zone == selected else ""}>{bottle.html_escape(zone)}</option>'
+                   for zone in sorted(zone_names()))
 
 
 CLOCK_PATTERN = re.compile(r'([01][0-9]|2[0-3]):[0-5][0-9]')
@@ -473,10 +491,10 @@ def get_family(family_id):
 
 
 def list_families(include_archived=False):
-    """Return families, newest first, with their last activity."""
-    found = rows("""
+    """Return families, newest first, with their last activity (read apart: one index probe per family)."""
+    found = read_apart("""
         SELECT f.*, (SELECT MAX(updated_at) FROM entries e WHERE e.family_id = f.id) AS last_activity
-        FROM families f WHERE ? OR NOT f.archived ORDER BY f.created_at DESC""", include_archived)
+        FROM families f WHERE ? OR NOT f.archived ORDER BY f.created_at DESC""", (include_archived,))
     return [dict(family_dict(r), last_activity=r['last_activity']) for r in found]
 
 
@@ -1264,7 +1282,13 @@ def sleep_chart(family, last, now=None, days=14):
 
 def when(ms, tz, now):
     """Name a moment on the family's clock: '19:42', 'yesterday 19:42' or 'Mon 3 Nov 19:42'."""
-    moment, today = local_time(ms, tz), local_today(tz, now)
+    return when_in_minute(ms, tz, now // 60000)  # the same answer all minute long: a reloaded page reuses it
+
+
+@functools.lru_cache(maxsize=4096)
+def when_in_minute(ms, tz, minute):
+    """when(), for a `now` anywhere in `minute` (a day never begins inside a minute)."""
+    moment, today = local_time(ms, tz), local_today(tz, minute * 60000)
     days = {today: '', today - dt.timedelta(days=1): 'yesterday ', today + dt.timedelta(days=1): 'tomorrow '}
     other = f'{moment:%a} {moment.day} {moment:%b} ' + (f'{moment.year} ' if moment.year != today.year else '')
     return days.get(moment.date(), other) + f'{moment:%H:%M}'
@@ -1454,16 +1478,15 @@ def family_flags(families, now):
 ###############################################################################
 
 def hash_password(password, rounds=BCRYPT_ROUNDS):
-    """Return the bcrypt hash of a password (runs in the threadpool)."""
-    salt = bcrypt.gensalt(rounds)
-    return gevent.get_hub().threadpool.apply(bcrypt.hashpw, (password.encode()[:72], salt)).decode()
+    """Return the bcrypt hash of a password (run apart)."""
+    return apart(bcrypt.hashpw, password.encode()[:72], bcrypt.gensalt(rounds)).decode()
 
 
 def password_matches(password, password_hash):
-    """Tell whether the password matches the bcrypt hash (runs in the threadpool)."""
+    """Tell whether the password matches the bcrypt hash (run apart)."""
     try:
         # bcrypt reads 72 bytes at most; bcrypt 5 refuses longer passwords rather than cut them
-        return gevent.get_hub().threadpool.apply(bcrypt.checkpw, (password.encode()[:72], password_hash.encode()))
+        return apart(bcrypt.checkpw, password.encode()[:72], password_hash.encode())
     except ValueError:
         return False
 
@@ -2409,7 +2432,7 @@ def admin_dashboard(error=None, typed=None):
     families.sort(key=lambda f: not f['flags'])  # flagged families first, each with its flags in words
     form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
     gevent.idle()
-    return page('dashboard', families=families, show_archived=show_archived, hm=hm, zones=time_zones(),
+    return page('dashboard', families=families, show_archived=show_archived, hm=hm, zone_options=zone_options,
                 error=error, form=form)
 
 
@@ -2714,7 +2737,7 @@ def family_page(family, date_text, errors=None, typed=None):
             'summary': summary, 'chart': chart, 'config': config, 'form': form,
             'nights': nights_table(family, date if date_text and date < local_today(tz, now) else None, now),
             'links': list_links(family['id']), 'online': {p.token for p in hub.peers(family['id'])},
-            'changes': recent_changes(family['id']), 'errors': errors or {}, 'zones': time_zones(), 'now': now,
+            'changes': recent_changes(family['id']), 'errors': errors or {}, 'zone_options': zone_options, 'now': now,
             'plan': plan, 'planned': planned_minutes(plan), 'within': within, 'notes': notes,
             'day_notes': [n for n in notes if n['date'] == str(date)],
             'editor': editor_typed(typed or {}) or editor_rows(config),
@@ -3158,7 +3181,7 @@ def backup_to(path):
         finally:
             target.close()
             source.close()
-    gevent.get_hub().threadpool.apply(copy)
+    apart(copy)
     return path
 
 
@@ -3230,7 +3253,7 @@ def checkpoint_loop():
         if db.total_changes != done:
             done = db.total_changes
             try:
-                gevent.get_hub().threadpool.apply(checkpoint)
+                apart(checkpoint)
             except sqlite3.Error:
                 log.exception('checkpoint failed')
 
@@ -3371,7 +3394,7 @@ def announce():
         lines.append('for a real deployment set BASE_URL to its public https:// address (share links, Secure cookies)')
     if not ADMIN_PASS:
         lines.append('set ADMIN_PASS to choose the admin password '
-                     f'(or a hash from: {sys.executable} babytrackd.py hash-password)')
+                     f'(or a hash from: {sys.executable} -m babytrackd hash-password)')
     print('\n'.join(f'babytrackd: {line}' for line in lines), flush=True)
     if not SECURE_COOKIES and not on_this_machine(urlsplit(BASE_URL).hostname or ''):
         log.warning('BASE_URL %s is not https: cookies will not be Secure, and logins cross the network in clear',

@@ -81,7 +81,7 @@ class Server:
         if no_pth:  # site-packages on the path, but none of their .pth start-up hooks
             python, env['PYTHONPATH'] = [sys.executable, '-S'], os.pathsep.join(site.getsitepackages())
         started = time.perf_counter()
-        self.proc = subprocess.Popen(python + [os.path.join(HERE, 'babytrackd.py')], env=env,
+        self.proc = subprocess.Popen(python + ['-m', 'babytrackd'], cwd=HERE, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while True:
             try:

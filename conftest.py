@@ -41,7 +41,7 @@ def wait_for(condition, timeout=5.0, interval=0.01, message='condition'):
 
 
 class Server:
-    """A babytrackd process started with `python babytrackd.py` on its own SQLite file."""
+    """A babytrackd process started as the Procfile does (`python -m babytrackd`) on its own SQLite file."""
 
     def __init__(self, directory, **env):
         self.directory = str(directory)
@@ -51,6 +51,7 @@ class Server:
                         BCRYPT_ROUNDS='4', LOG_FORMAT='json', LOG_LEVEL='info', BACKUP_KEEP='0')
         self.env.update({key: str(value) for key, value in env.items()})
         self.env.pop('BABYTRACKD_NO_PATCH', None)  # the server itself runs on gevent
+        self.env['PYTHONPATH'] = HERE  # where -m finds the module; the process works in `directory`
         self.proc = None
         self.start()
 
@@ -63,7 +64,7 @@ class Server:
         self.base_url = f'http://127.0.0.1:{self.port}'
         self.ws_url = f'ws://127.0.0.1:{self.port}/ws'
         self.log_file = open(self.log_path, 'a')
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'babytrackd.py')], cwd=self.directory,
+        self.proc = subprocess.Popen([sys.executable, '-m', 'babytrackd'], cwd=self.directory,
                                      env=self.env, stdout=self.log_file, stderr=self.log_file)
         wait_for(self.healthy, timeout=15, message='the server to answer /health')
 

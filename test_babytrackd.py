@@ -980,4 +980,4 @@ def test_fly_toml_agrees_with_the_app(bt):
     assert fly['kill_signal'] == 'SIGTERM' and fly['kill_timeout'] > 5
     assert fly['vm'][0]['memory'] == '256mb' and fly['primary_region'] == 'syd'
     with open(os.path.join(os.path.dirname(__file__), 'Procfile')) as procfile:
-        assert procfile.read().strip() == 'web: python babytrackd.py'
+        assert procfile.read().strip() == 'web: python -m babytrackd'

@@ -32,7 +32,7 @@ def readme_commands():
 
 def test_ci_runs_exactly_the_readmes_test_command():
     serve, test = readme_commands()
-    assert serve == 'python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python babytrackd.py'
+    assert serve == 'python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python -m babytrackd'
     assert test == ('python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt'
                     ' && .venv/bin/python -m pytest -q')
     assert read('.ci/run').strip().splitlines()[-1] == test
@@ -244,7 +244,7 @@ def test_the_unit_file_keeps_the_database_in_its_state_directory():
     unit = read('deploy/babytrackd.service')
     for line in ('User=babytrackd', 'StateDirectory=babytrackd', 'Environment=DB_PATH=/var/lib/babytrackd/babytrack.db',
                  'EnvironmentFile=/etc/babytrackd/env', 'Restart=on-failure', 'KillSignal=SIGTERM',
-                 'ExecStart=/opt/babytrackd/.venv/bin/python /opt/babytrackd/babytrackd.py'):
+                 'ExecStart=/opt/babytrackd/.venv/bin/python -m babytrackd'):
         assert line in unit.splitlines(), line
 
 

@@ -1,6 +1,6 @@
 """Reliability tests for the sync protocol (PROTOCOL.md; issue 6): crashes, convergence, fuzzing.
 
-Everything runs against a real `python babytrackd.py` process over real sockets (conftest.py):
+Everything runs against a real `python -m babytrackd` process over real sockets (conftest.py):
 - Crash: phones write continuously while the server is killed with SIGKILL at a seeded random
   moment and restarted on the same file; nothing a phone saw is lost or doubled, every outbox drains.
 - Convergence: seeded simulations of phones with skewed clocks, offline outboxes, repeated and

@@ -1,5 +1,5 @@
 %# Dashboard: expects families (family rows with today, seen, states and flags in words; flagged first), show_archived, hm,
-%# zones, form (name, notes, tz of the Add client form), error (its message or None), csrf.
+%# zone_options, form (name, notes, tz of the Add client form), error (its message or None), csrf.
 % rebase('base.tpl', title='Clients')
 <main>
 <div class="heading">

@@ -1,7 +1,7 @@
 %# Family page: expects family, date, prev, next, summary (hours with sleep), chart, nights, links, online,
 %# config, plan, planned (the plan's sleep as wall-clock minutes) and within (its part in an hour),
 %# notes, day_notes (the shown day's), editor (button rows), changes, form (what each form shows),
-%# errors (section -> message), zones, now, csrf,
+%# errors (section -> message), zone_options, now, csrf,
 %# and the formatters hm (minutes), clock (ms -> 19:42) and when (ms -> 'yesterday 19:42').
 % rebase('base.tpl', title=family['name'])
 <main>

@@ -1,6 +1,2 @@
-%# Time zone picker: expects zones (sorted names), selected, id.
-<select name="tz" id="{{id}}" required>
-% for zone in zones:
-<option{{' selected' if zone == selected else ''}}>{{zone}}</option>
-% end
-</select>
+%# Time zone picker: expects zone_options (the <option>s for a chosen zone), selected, id.
+<select name="tz" id="{{id}}" required>{{!zone_options(selected)}}</select>
