@@ -277,11 +277,9 @@ def open_db(path=None):
     global db
     conn = sqlite3.connect(path or DB_PATH, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute('PRAGMA journal_mode = WAL')
-    conn.execute('PRAGMA synchronous = NORMAL')
-    conn.execute('PRAGMA foreign_keys = ON')
-    conn.execute('PRAGMA busy_timeout = 5000')
-    conn.execute('PRAGMA journal_size_limit = 16777216')  # a burst of writes leaves no huge WAL behind
+    # journal_size_limit: a burst of writes leaves no huge WAL behind
+    conn.executescript("""PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+                          PRAGMA busy_timeout = 5000; PRAGMA journal_size_limit = 16777216;""")
     migrate(conn)
     db = conn
     return conn
@@ -309,14 +307,13 @@ class transaction:
 
     def __enter__(self):
         self.joined = db.in_transaction and transaction.owner is gevent.getcurrent()
-        if self.joined:
-            return db
-        try:
-            db.execute('BEGIN IMMEDIATE')
-        except sqlite3.Error as error:
-            self.noted(error)
-            raise
-        transaction.owner, self.changes = gevent.getcurrent(), db.total_changes
+        if not self.joined:
+            try:
+                db.execute('BEGIN IMMEDIATE')
+            except sqlite3.Error as error:
+                self.noted(error)
+                raise
+            transaction.owner, self.changes = gevent.getcurrent(), db.total_changes
         return db
 
     def __exit__(self, kind, value, trace):
@@ -391,6 +388,12 @@ class Invalid(ValueError):
     """Input a person or device sent that we refuse; the message is shown to them."""
 
 
+def require(condition, message):
+    """Raise Invalid(message) unless condition holds."""
+    if not condition:
+        raise Invalid(message)
+
+
 def refuse_constant(name):
     raise ValueError(f'{name} is not JSON')
 
@@ -408,37 +411,31 @@ def parse_json(text):
 
 def check_text(value, name, low, high):
     """Return value if it is a string of low..high characters, else raise Invalid."""
-    if not isinstance(value, str):
-        raise Invalid(f'{name} must be text')
+    require(isinstance(value, str), f'{name} must be text')
     try:
         value.encode()
     except UnicodeEncodeError:
         raise Invalid(f'{name} must be valid Unicode (no lone surrogates)') from None
-    if len(value) < low:
-        raise Invalid(f'{name} must not be empty')
-    if len(value) > high:
-        raise Invalid(f'{name} must be at most {high:,} characters')
+    require(len(value) >= low, f'{name} must not be empty')
+    require(len(value) <= high, f'{name} must be at most {high:,} characters')
     return value
 
 
 def check_filled(value, name, high):
     """Return value if it is text of at most `high` characters, not all blank, else raise Invalid."""
-    if not check_text(value, name, 1, high).strip():
-        raise Invalid(f'{name} must not be empty')
+    require(check_text(value, name, 1, high).strip(), f'{name} must not be empty')
     return value
 
 
 def check_int(value, name):
     """Return value if it is an integer (not a bool), else raise Invalid."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Invalid(f'{name} must be an integer')
+    require(isinstance(value, int) and not isinstance(value, bool), f'{name} must be an integer')
     return value
 
 
 def check_bool(value, name):
     """Return value if it is true or false, else raise Invalid."""
-    if not isinstance(value, bool):
-        raise Invalid(f'{name} must be true or false')
+    require(isinstance(value, bool), f'{name} must be true or false')
     return value
 
 
@@ -455,20 +452,16 @@ def zone_options(selected):
                    for zone in sorted(zone_names()))
 
 
-CLOCK_PATTERN = re.compile(r'([01][0-9]|2[0-3]):[0-5][0-9]')
-
-
 def check_tz(value):
     """Return value if it names an IANA time zone, else raise Invalid."""
-    if not isinstance(value, str) or value not in zone_names():
-        raise Invalid('tz must be an IANA time zone name such as Europe/London')
+    require(isinstance(value, str) and value in zone_names(), 'tz must be an IANA time zone name such as Europe/London')
     return value
 
 
 def check_clock(value, name):
     """Return value if it is a wall-clock time 'HH:MM' (00:00-23:59), else raise Invalid."""
-    if not isinstance(value, str) or not CLOCK_PATTERN.fullmatch(value):
-        raise Invalid(f'{name} must be a time HH:MM such as 19:00')
+    require(isinstance(value, str) and re.fullmatch(r'([01][0-9]|2[0-3]):[0-5][0-9]', value),
+            f'{name} must be a time HH:MM such as 19:00')
     return value
 
 
@@ -531,8 +524,7 @@ def update_family(family_id, changes):
     fields = family_fields(changes)
     if {'night_start', 'night_end'} & fields.keys():
         night = {**get_family(family_id), **fields}
-        if night['night_start'] == night['night_end']:
-            raise Invalid('night_start and night_end must not be equal')
+        require(night['night_start'] != night['night_end'], 'night_start and night_end must not be equal')
     if fields:
         assignments = ', '.join(f'{column} = ?' for column in fields)
         with transaction():
@@ -551,11 +543,8 @@ def create_link(family_id, label=None, expires_at=None):
     if label is not None:
         label = check_text(label, 'label', 0, 100).strip() or None
     if expires_at is not None:
-        check_int(expires_at, 'expires_at')
-        if expires_at <= now_ms():
-            raise Invalid('expires_at must be in the future')
-        if expires_at > MAX_TS:
-            raise Invalid('expires_at must be before the year 10000')
+        require(check_int(expires_at, 'expires_at') > now_ms(), 'expires_at must be in the future')
+        require(expires_at <= MAX_TS, 'expires_at must be before the year 10000')
     token = secrets.token_urlsafe(24)  # 32 url-safe characters
     with transaction():
         db.execute('INSERT INTO access_links (token, family_id, label, expires_at, created_at) VALUES (?, ?, ?, ?, ?)',
@@ -565,17 +554,15 @@ def create_link(family_id, label=None, expires_at=None):
 
 def list_links(family_id):
     """Return the family's links that were not revoked, newest first."""
-    found = rows('SELECT * FROM access_links WHERE family_id = ? AND revoked_at IS NULL ORDER BY created_at DESC',
-                 family_id)
-    return [link_dict(r) for r in found]
+    return [link_dict(r) for r in db.execute("""SELECT * FROM access_links WHERE family_id = ? AND revoked_at IS NULL
+                                                ORDER BY created_at DESC""", (family_id,))]
 
 
 def revoke_link(family_id, token):
     """Mark the link revoked; return False when the family has no such live link."""
     with transaction():
-        done = db.execute('UPDATE access_links SET revoked_at = ? WHERE token = ? AND family_id = ? AND revoked_at IS NULL',
-                          (now_ms(), token, family_id)).rowcount
-    return bool(done)
+        return bool(db.execute("""UPDATE access_links SET revoked_at = ? WHERE token = ? AND family_id = ?
+                                  AND revoked_at IS NULL""", (now_ms(), token, family_id)).rowcount)
 
 
 def check_link(token):
@@ -611,30 +598,25 @@ def validate_config(data):
         size = len(json.dumps(data, allow_nan=False, ensure_ascii=False).encode())
     except (ValueError, RecursionError):
         raise Invalid('config must be plain JSON: no NaN, Infinity or lone surrogates') from None
-    if size > MAX_CONFIG:
-        raise Invalid('config must be at most 16 KiB')
-    if not isinstance(data, list):
-        raise Invalid('config must be a list of button groups')
-    if len(data) > 20 or sum(1 for g in data if isinstance(g, dict) and g.get('stateful')) > 4:
-        raise Invalid('config may have at most 20 groups, 4 of them stateful')
+    require(size <= MAX_CONFIG, 'config must be at most 16 KiB')
+    require(isinstance(data, list), 'config must be a list of button groups')
+    require(len(data) <= 20 and sum(1 for g in data if isinstance(g, dict) and g.get('stateful')) <= 4,
+            'config may have at most 20 groups, 4 of them stateful')
     seen = set()
     for number, group in enumerate(data, start=1):
-        if not isinstance(group, dict):
-            raise Invalid(f'group {number} must be an object')
+        require(isinstance(group, dict), f'group {number} must be an object')
         category = check_text(group.get('category'), f'group {number} category', 1, 64)
-        if category in seen:
-            raise Invalid(f'category "{category}" appears twice')
+        require(category not in seen, f'category "{category}" appears twice')
         seen.add(category)
         check_bool(group.get('stateful', False), f'group {number} stateful')
         buttons = group.get('buttons')
-        if not isinstance(buttons, list) or not buttons:
-            raise Invalid(f'group {number} must have a list of buttons')
+        require(isinstance(buttons, list) and buttons, f'group {number} must have a list of buttons')
         for place, button in enumerate(buttons, start=1):
-            if not isinstance(button, dict):
-                raise Invalid(f'group {number} button {place} must be an object')
-            check_text(button.get('label'), f'group {number} button {place} label', 1, 64)
+            where = f'group {number} button {place}'
+            require(isinstance(button, dict), f'{where} must be an object')
+            check_text(button.get('label'), f'{where} label', 1, 64)
             for flag in ('timing', 'counted'):
-                check_bool(button.get(flag, False), f'group {number} button {place} {flag}')
+                check_bool(button.get(flag, False), f'{where} {flag}')
     return data
 
 
@@ -652,23 +634,20 @@ def validate_plan(plan):
     """Return the plan (wake, 0-5 naps each starting before it ends, bedtime; all HH:MM) or None, else raise Invalid."""
     if plan is None:
         return None
-    if not isinstance(plan, dict):
-        raise Invalid('plan must be an object with wake, naps and bedtime, or null')
+    require(isinstance(plan, dict), 'plan must be an object with wake, naps and bedtime, or null')
     unknown = set(plan) - {'wake', 'naps', 'bedtime'}
     if unknown:
         raise Invalid(f'unknown plan field: {sorted(unknown)[0]}')
     clean = {'wake': check_clock(plan.get('wake'), 'wake'), 'naps': [],
              'bedtime': check_clock(plan.get('bedtime'), 'bedtime')}
     naps = plan.get('naps', [])
-    if not isinstance(naps, list) or len(naps) > 5:
-        raise Invalid('naps must be a list of at most 5 naps')
+    require(isinstance(naps, list) and len(naps) <= 5, 'naps must be a list of at most 5 naps')
     for number, nap in enumerate(naps, start=1):
-        if not isinstance(nap, dict) or set(nap) - {'start', 'end'}:
-            raise Invalid(f'nap {number} must be {{"start": "HH:MM", "end": "HH:MM"}}')
+        require(isinstance(nap, dict) and not set(nap) - {'start', 'end'},
+                f'nap {number} must be {{"start": "HH:MM", "end": "HH:MM"}}')
         start = check_clock(nap.get('start'), f'nap {number} start')
         end = check_clock(nap.get('end'), f'nap {number} end')
-        if start >= end:
-            raise Invalid(f'nap {number} must start before it ends')
+        require(start < end, f'nap {number} must start before it ends')
         clean['naps'].append({'start': start, 'end': end})
     return clean
 
@@ -698,9 +677,8 @@ def create_note(family_id, date, text):
 
 def list_notes(family_id, since=0):
     """Return the family's coaching notes written at or after `since` (ms), newest first."""
-    return [dict(r) for r in rows("""SELECT id, date, text, created_at FROM notes
-                                     WHERE family_id = ? AND created_at >= ? ORDER BY created_at DESC, id DESC""",
-                                  family_id, since)]
+    return rows("""SELECT id, date, text, created_at FROM notes
+                   WHERE family_id = ? AND created_at >= ? ORDER BY created_at DESC, id DESC""", family_id, since)
 
 
 def delete_note(family_id, note_id):
@@ -741,10 +719,10 @@ def entries_json(family_id, since, until, after=None, page=200):
         yield comma + ','.join(row[1] for row in found)
         last, comma = found[-1][0], ','
     if after is not None and not since:
-        for group in get_config(family_id):
+        for category in (group['category'] for group in get_config(family_id) if group.get('stateful')):
             state = db.execute(f"""SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND type = ? AND NOT deleted
                                    AND ts < ? AND seq <= ? ORDER BY ts DESC, id DESC LIMIT 1""",
-                               (family_id, group['category'], after, until)).fetchone() if group.get('stateful') else None
+                               (family_id, category, after, until)).fetchone()
             if state:
                 yield comma + state[0]
                 comma = ','
@@ -768,36 +746,22 @@ def recent_changes(family_id, limit=50):
     return [entry_dict(r) for r in found]
 
 
-def change_dict(row):
-    """Shape a change-log row: one version of an entry, with the server time it was accepted (`at`)."""
-    return dict(row, deleted=bool(row['deleted']))
-
-
 def entry_history(family_id, entry_id, before=2 ** 63 - 1, limit=-1):
-    """Return the newest `limit` versions before seq `before` of one of the family's entries, oldest first
-    (empty for another family's)."""
-    return [change_dict(r) for r in reversed(db.execute(
+    """Return the newest `limit` versions (each with `at`, the server time it was accepted) before seq `before`
+    of one of the family's entries, oldest first (empty for another family's)."""
+    return [dict(r, deleted=bool(r['deleted'])) for r in reversed(db.execute(
         """SELECT seq, ts, type, value, deleted, updated_at, by, at FROM changes
            WHERE entry_id = ? AND family_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?""",
         (entry_id, family_id, before, limit)).fetchall())]
 
 
-def family_changes(family_id):
-    """Return the family's whole change log, oldest first."""
-    return [change_dict(r) for r in db.execute(
-        """SELECT seq, entry_id, ts, type, value, deleted, updated_at, by, at FROM changes
-           WHERE family_id = ? ORDER BY seq""", (family_id,))]
-
-
 def deleted_entries(family_id, now, days=30, before=2 ** 63 - 1, limit=-1):
     """Return `limit` of the entries deleted in the last `days` days before seq `before`, newest first, with
     `restore_seq`: their last live version."""
-    found = db.execute("""SELECT e.*, (SELECT MAX(seq) FROM changes WHERE entry_id = e.id AND NOT deleted) AS restore_seq
-                          FROM entries e JOIN changes c ON c.seq = e.seq
-                          WHERE e.family_id = ? AND e.deleted AND c.at >= ? AND e.seq < ?
-                          ORDER BY e.seq DESC LIMIT ?""",
-                       (family_id, now - days * DAY_MS, before, limit))
-    return [dict(entry_dict(r), restore_seq=r['restore_seq']) for r in found]
+    return [dict(entry_dict(r), restore_seq=r['restore_seq']) for r in db.execute("""
+        SELECT e.*, (SELECT MAX(seq) FROM changes WHERE entry_id = e.id AND NOT deleted) AS restore_seq
+        FROM entries e JOIN changes c ON c.seq = e.seq WHERE e.family_id = ? AND e.deleted AND c.at >= ? AND e.seq < ?
+        ORDER BY e.seq DESC LIMIT ?""", (family_id, now - days * DAY_MS, before, limit))]
 
 
 ###############################################################################
