@@ -129,12 +129,9 @@ MAX_TS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
 DEFAULT_CONFIG = [
     {'category': 'sleep', 'stateful': True, 'buttons': [
-        {'label': 'sleeping', 'timing': True, 'counted': True},
-        {'label': 'awake', 'timing': True, 'counted': False}]},
-    {'category': 'feed', 'buttons': [
-        {'label': 'breast left'}, {'label': 'breast right'}, {'label': 'bottle'}]},
-    {'category': 'nappy', 'buttons': [
-        {'label': 'wet'}, {'label': 'dirty'}, {'label': 'wet + dirty'}]},
+        {'label': 'sleeping', 'timing': True, 'counted': True}, {'label': 'awake', 'timing': True, 'counted': False}]},
+    {'category': 'feed', 'buttons': [{'label': 'breast left'}, {'label': 'breast right'}, {'label': 'bottle'}]},
+    {'category': 'nappy', 'buttons': [{'label': 'wet'}, {'label': 'dirty'}, {'label': 'wet + dirty'}]},
 ]
 
 log = logging.getLogger('babytrackd')
@@ -246,8 +243,7 @@ MIGRATIONS = [
 
 
 def migrate(db):
-    """Bring the schema up to the newest version, one migration per transaction; an older file is
-    first copied (SQLite's backup) to backups/before-migration-<version>.db beside it."""
+    """Bring the schema up to the newest version, one migration per transaction, after copying an older file aside."""
     version = db.execute('PRAGMA user_version').fetchone()[0]
     path = db.execute('PRAGMA database_list').fetchone()[2]
     if 0 < version < len(MIGRATIONS) and path:
@@ -351,8 +347,7 @@ def rows(sql, *args):
 
 
 def apart(function, *args):
-    """Return function(*args), run in gevent's threadpool while the loop goes on serving sockets. The
-    thread runs at idle CPU priority, so it never takes a CPU from the loop (README "Performance")."""
+    """Return function(*args), run at idle CPU priority in gevent's threadpool while the loop serves sockets."""
     def run():
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # Linux: this thread only
@@ -366,8 +361,7 @@ reader = threading.local()  # each worker thread's own read connection: path, co
 
 
 def read_apart(sql, args):
-    """Return every row of a read-only query as tuples, run apart on the worker thread's own connection:
-    SQLite works without the GIL while the loop goes on serving sockets."""
+    """Return a read-only query's rows, run apart on the worker thread's own connection (SQLite drops the GIL)."""
     path = db.execute('PRAGMA database_list').fetchone()[2]
 
     def run():
@@ -411,13 +405,16 @@ def parse_json(text):
 
 def check_text(value, name, low, high):
     """Return value if it is a string of low..high characters, else raise Invalid."""
-    require(isinstance(value, str), f'{name} must be text')
+    if not isinstance(value, str):  # no require(): every synced entry comes here, so no message is built unless needed
+        raise Invalid(f'{name} must be text')
     try:
         value.encode()
     except UnicodeEncodeError:
         raise Invalid(f'{name} must be valid Unicode (no lone surrogates)') from None
-    require(len(value) >= low, f'{name} must not be empty')
-    require(len(value) <= high, f'{name} must be at most {high:,} characters')
+    if len(value) < low:
+        raise Invalid(f'{name} must not be empty')
+    if len(value) > high:
+        raise Invalid(f'{name} must be at most {high:,} characters')
     return value
 
 
@@ -624,8 +621,7 @@ def save_config(family_id, data):
     """Validate and store the family's button groups; return them."""
     validate_config(data)
     with transaction():
-        db.execute("""INSERT INTO configs (family_id, data, updated_at) VALUES (?, ?, ?)
-                      ON CONFLICT(family_id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at""",
+        db.execute('INSERT OR REPLACE INTO configs (family_id, data, updated_at) VALUES (?, ?, ?)',
                    (family_id, json.dumps(data), now_ms()))
     return data
 
@@ -690,8 +686,7 @@ def delete_note(family_id, note_id):
 def entry_dict(row):
     """Shape an entries row for the wire."""
     return {'id': row['id'], 'ts': row['ts'], 'type': row['type'], 'value': row['value'],
-            'deleted': bool(row['deleted']), 'updated_at': row['updated_at'], 'seq': row['seq'],
-            'by': row['by']}
+            'deleted': bool(row['deleted']), 'updated_at': row['updated_at'], 'seq': row['seq'], 'by': row['by']}
 
 
 def live_entries(family_id, limit=None):
