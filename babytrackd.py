@@ -482,10 +482,9 @@ def get_family(family_id):
 
 def list_families(include_archived=False):
     """Return families, newest first, with their last activity (read apart: one index probe per family)."""
-    found = read_apart("""
+    return [dict(family_dict(r), last_activity=r['last_activity']) for r in read_apart("""
         SELECT f.*, (SELECT MAX(updated_at) FROM entries e WHERE e.family_id = f.id) AS last_activity
-        FROM families f WHERE ? OR NOT f.archived ORDER BY f.created_at DESC""", (include_archived,))
-    return [dict(family_dict(r), last_activity=r['last_activity']) for r in found]
+        FROM families f WHERE ? OR NOT f.archived ORDER BY f.created_at DESC""", (include_archived,))]
 
 
 FAMILY_FIELDS = {  # what a family's field may hold, in the order they are checked
@@ -691,9 +690,8 @@ def entry_dict(row):
 
 def live_entries(family_id, limit=None):
     """Return the family's entries that are not deleted, newest ts first."""
-    found = db.execute('SELECT * FROM entries WHERE family_id = ? AND NOT deleted ORDER BY ts DESC, id LIMIT ?',
-                       (family_id, -1 if limit is None else limit))
-    return [entry_dict(r) for r in found]
+    return [entry_dict(r) for r in db.execute("""SELECT * FROM entries WHERE family_id = ? AND NOT deleted
+        ORDER BY ts DESC, id LIMIT ?""", (family_id, -1 if limit is None else limit))]
 
 
 # SQLite writes the wire form itself: a 20,000-entry catch-up then costs one query, not 20,000 dicts.
@@ -725,9 +723,8 @@ def entries_json(family_id, since, until, after=None, page=200):
 
 def entries_between(family_id, start, end):
     """Return, as a JSON array, the live entries with start <= ts < end, oldest first."""
-    found = db.execute(f"""SELECT {ENTRY_JSON} FROM entries WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ?
-                           ORDER BY ts, id""", (family_id, start, end))
-    return '[' + ','.join(row[0] for row in found) + ']'
+    return '[' + ','.join(row[0] for row in db.execute(f"""SELECT {ENTRY_JSON} FROM entries
+        WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id""", (family_id, start, end))) + ']'
 
 
 def family_cursor(family_id):
@@ -737,8 +734,8 @@ def family_cursor(family_id):
 
 def recent_changes(family_id, limit=50):
     """Return the family's latest changes, newest first, tombstones included."""
-    found = db.execute('SELECT * FROM entries WHERE family_id = ? ORDER BY seq DESC LIMIT ?', (family_id, limit))
-    return [entry_dict(r) for r in found]
+    return [entry_dict(r) for r in db.execute('SELECT * FROM entries WHERE family_id = ? ORDER BY seq DESC LIMIT ?',
+                                              (family_id, limit))]
 
 
 def entry_history(family_id, entry_id, before=2 ** 63 - 1, limit=-1):
