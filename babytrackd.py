@@ -2074,7 +2074,6 @@ bottle.TEMPLATE_PATH[:] = [os.path.join(HERE, 'views')]
 bottle.BaseRequest.MEMFILE_MAX = MAX_BODY
 request, response = bottle.request, bottle.response
 STATIC_ROOT = os.path.join(HERE, 'static')
-APP_ROOT = os.path.join(STATIC_ROOT, 'app')
 SECURITY_HEADERS = {
     'Content-Security-Policy': "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
                                "style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -2084,6 +2083,7 @@ SECURITY_HEADERS = {
 }
 
 
+@app.install
 def refuse_invalid(callback):
     """Plugin: turn a domain Invalid into a 400 with its message."""
     def wrapper(*args, **kwargs):
@@ -2092,9 +2092,6 @@ def refuse_invalid(callback):
         except Invalid as error:
             raise bottle.HTTPError(400, str(error)) from None
     return wrapper
-
-
-app.install(refuse_invalid)
 
 
 def wants_json():
@@ -2238,6 +2235,16 @@ def family_or_404(family_id):
     return family
 
 
+def family_route(method, path):
+    """Route an admin request about the family in `path`: a logged-in admin first, then the family (404), passed on."""
+    def register(callback):
+        def route(family_id, **ids):
+            return callback(family_or_404(family_id), **ids)
+        app.route(path, method, admin_required(route))
+        return callback
+    return register
+
+
 # -- health and parents' routes -------------------------------------------------
 
 @app.get('/health')
@@ -2249,9 +2256,8 @@ def health():
         response.status = 503
         return {'ok': False, 'reason': 'the database cannot be read'}
     if storage['fault']:
-        response.status = 503
-        response.set_header('Retry-After', str(STORAGE_RETRY))
-        return {'ok': False, 'reason': f'writes fail: {storage["fault"]}'}
+        return bottle.HTTPResponse({'ok': False, 'reason': f'writes fail: {storage["fault"]}'}, 503,
+                                   {'Retry-After': str(STORAGE_RETRY)})
     return {'ok': True, 'version': VERSION}
 
 
@@ -2260,9 +2266,7 @@ def link_open(token):
     """Check a share link, set its cookie and send the device to the app."""
     link, problem = check_link(token)
     if problem:
-        status, reason, message = problem
-        response.status = status
-        return page('message', title='This link does not work', message=message)
+        return bottle.HTTPResponse(page('message', title='This link does not work', message=problem[2]), problem[0])
     max_age = (link['expires_at'] - now_ms()) // 1000 if link['expires_at'] else 400 * 86400
     response.set_cookie(LINK_COOKIE, token, path='/', httponly=True, samesite='lax',
                         secure=SECURE_COOKIES, max_age=max_age)
@@ -2274,42 +2278,32 @@ def app_redirect():
     redirect('/app/', 301)
 
 
-@app.get('/app/')
-def app_shell():
-    """Serve the parents' app."""
-    return app_file('index.html')
-
-
-def cookie_link():
-    """Return (link, None) for the request's link cookie, else (None, the answer refusing it)."""
-    token = request.get_cookie(LINK_COOKIE)
-    if not token:
-        bottle.abort(401, 'Open the link your consultant sent you.')
-    link, problem = check_link(token)
-    if problem:
-        status, reason, message = problem
-        response.status = status
-        return None, {'error': message, 'reason': reason}
-    return link, None
+def link_required(callback):
+    """Decorator: the route needs the cookie of a working link, passed as `link` (else JSON saying why not)."""
+    def wrapper():
+        token = request.get_cookie(LINK_COOKIE)
+        if not token:
+            bottle.abort(401, 'Open the link your consultant sent you.')
+        link, problem = check_link(token)
+        if problem:
+            return bottle.HTTPResponse({'error': problem[2], 'reason': problem[1]}, problem[0])
+        return callback(link)
+    return wrapper
 
 
 @app.get('/app/me')
-def app_me():
+@link_required
+def app_me(link):
     """Tell the parents' app which family its link cookie opens (or why it no longer does)."""
-    link, refused = cookie_link()
-    if refused:
-        return refused
     return {'family': {'id': link['family_id'], 'name': link['family_name'], 'tz': link['tz'],
                        'night_start': link['night_start'], 'night_end': link['night_end']},
             'label': link['label'], 'expires_at': link['expires_at']}
 
 
 @app.get('/app/entries')
-def app_entries():
+@link_required
+def app_entries(link):
     """Older days for the parents' app (PROTOCOL.md, "Connecting"): live entries in [before - days, before)."""
-    link, refused = cookie_link()
-    if refused:
-        return refused
     before, days = request.query.get('before', ''), request.query.get('days', '')
     if not re.fullmatch('[0-9]{1,15}', before) or not re.fullmatch('[0-9]{1,2}', days) or not 1 <= int(days) <= 31:
         bottle.abort(400, 'before must be a time in ms and days a whole number from 1 to 31.')
@@ -2317,10 +2311,10 @@ def app_entries():
     return f'{{"entries":{entries_between(link["family_id"], int(before) - int(days) * 86400000, int(before))}}}'
 
 
-@app.get('/app/<path:path>')
-def app_file(path):
-    """Serve a file of the parents' app; the shell is revalidated on every load."""
-    answer = bottle.static_file(path, root=APP_ROOT)
+@app.get(['/app/', '/app/<path:path>'])
+def app_file(path='index.html'):
+    """Serve a file of the parents' app (/app/ is its shell); each is revalidated on every load."""
+    answer = bottle.static_file(path, root=os.path.join(STATIC_ROOT, 'app'))
     answer.set_header('Cache-Control', 'no-cache')
     return answer
 
@@ -2338,12 +2332,10 @@ def ws_link(environ):
     req = bottle.BaseRequest(environ)
     link, problem = check_link(req.get_cookie(LINK_COOKIE))
     if problem:
-        status = 401 if problem[1] == 'unknown' else 403
-        return None, (status, problem[2])
+        return None, (401 if problem[1] == 'unknown' else 403, problem[2])
     if req.query.get('family') != link['family_id']:
         return None, (403, 'This link is for another family.')
-    since = req.query.get('since', '0')
-    if not re.fullmatch('[0-9]{1,18}', since):
+    if not re.fullmatch('[0-9]{1,18}', req.query.get('since', '0')):
         return None, (400, 'since must be a whole number.')
     if sum(peer.token == link['token'] for peer in hub.peers(link['family_id'])) >= WS_SOCKETS_PER_LINK:
         return None, (429, f'This link is open on {WS_SOCKETS_PER_LINK} devices already. Close one and try again.')
@@ -2386,14 +2378,11 @@ def admin_login():
         bottle.abort(403, 'Log in from this site.')
     data = form_or_json()
     token, refused = log_in(client_address(), data.get('username'), data.get('password'))
-    if refused and not is_form:
-        raise bottle.HTTPError(refused[0], refused[1], **refused[2])
+    if refused and is_form:  # the login page again, with what was typed
+        return bottle.HTTPResponse(page('login', error=refused[1], username_value=data.get('username') or ''),
+                                   refused[0], refused[2])
     if refused:
-        username = data.get('username')
-        response.status = refused[0]
-        for name, value in refused[2].items():
-            response.set_header(name, value)
-        return page('login', error=refused[1], username_value=username if isinstance(username, str) else '')
+        raise bottle.HTTPError(refused[0], refused[1], **refused[2])
     response.set_cookie(ADMIN_COOKIE, token, path='/admin', httponly=True,
                         samesite='strict', secure=SECURE_COOKIES, max_age=SESSION_DAYS * 86400)
     if is_form:
@@ -2453,9 +2442,7 @@ def admin_families_list():
 def admin_families_create():
     """Create a family."""
     data = json_body()
-    family = create_family(data.get('name'), data.get('notes') or '', data.get('tz') or None)
-    response.status = 201
-    return family
+    return bottle.HTTPResponse(create_family(data.get('name'), data.get('notes') or '', data.get('tz') or None), 201)
 
 
 # What an admin change does, whichever route asked: store it, then the family's devices hear of it at once.
@@ -2502,77 +2489,61 @@ def drop_note(family_id, note_id):
     return deleted
 
 
-@app.get('/admin/families/<family_id>')
-@admin_required
-def admin_family_show(family_id):
+@family_route('GET', '/admin/families/<family_id>')
+def admin_family_show(family):
     """A family's detail (JSON) or page."""
-    family = family_or_404(family_id)
     limit = request.query.get('limit')
     if limit is not None and not (re.fullmatch('[0-9]{1,18}', limit) and 0 < int(limit) <= 100_000):
         bottle.abort(400, 'limit must be a whole number from 1 to 100000.')
     if wants_json():
-        return dict(family, links=list_links(family_id), config=get_config(family_id), plan=get_plan(family_id),
-                    entries=live_entries(family_id, int(limit) if limit else None))
+        return dict(family, links=list_links(family['id']), config=get_config(family['id']),
+                    plan=get_plan(family['id']), entries=live_entries(family['id'], int(limit) if limit else None))
     return page('family', **family_page(family, request.query.get('date')))
 
 
-@app.route('/admin/families/<family_id>', method='PATCH')
-@admin_required
-def admin_family_update(family_id):
+@family_route('PATCH', '/admin/families/<family_id>')
+def admin_family_update(family):
     """Change a family's name, notes, time zone or archived flag."""
-    family_or_404(family_id)
-    return change_family(family_id, json_body())
+    return change_family(family['id'], json_body())
 
 
-@app.put('/admin/families/<family_id>/config')
-@admin_required
-def admin_config_put(family_id):
+@family_route('PUT', '/admin/families/<family_id>/config')
+def admin_config_put(family):
     """Store the family's button groups and push them to its devices."""
-    family_or_404(family_id)
     data = json_body()
     if 'data' not in data:
         bottle.abort(400, 'Send {"data": [button groups]}.')
-    return {'data': push_config(family_id, data['data'])}
+    return {'data': push_config(family['id'], data['data'])}
 
 
-@app.put('/admin/families/<family_id>/plan')
-@admin_required
-def admin_plan_put(family_id):
+@family_route('PUT', '/admin/families/<family_id>/plan')
+def admin_plan_put(family):
     """Store the family's plan ({"plan": null} clears it) and push it to its devices."""
-    family_or_404(family_id)
     data = json_body()
-    return push_plan(family_id, data['plan'] if 'plan' in data else data) or {'plan': None}
+    return push_plan(family['id'], data['plan'] if 'plan' in data else data) or {'plan': None}
 
 
-@app.get('/admin/families/<family_id>/notes')
-@admin_required
-def admin_notes_list(family_id):
+@family_route('GET', '/admin/families/<family_id>/notes')
+def admin_notes_list(family):
     """The family's coaching notes, newest first."""
-    family_or_404(family_id)
     if not wants_json():
-        redirect(f'/admin/families/{family_id}#notes', 303)
-    return {'notes': list_notes(family_id)}
+        redirect(f"/admin/families/{family['id']}#notes", 303)
+    return {'notes': list_notes(family['id'])}
 
 
-@app.post('/admin/families/<family_id>/notes')
-@admin_required
-def admin_notes_create(family_id):
+@family_route('POST', '/admin/families/<family_id>/notes')
+def admin_notes_create(family):
     """Write a coaching note and push it to the family's devices."""
-    family_or_404(family_id)
     data = json_body()
-    response.status = 201
-    return push_note(family_id, data.get('date'), data.get('text'))
+    return bottle.HTTPResponse(push_note(family['id'], data.get('date'), data.get('text')), 201)
 
 
-@app.delete('/admin/families/<family_id>/notes/<note_id>')
-@admin_required
-def admin_notes_delete(family_id, note_id):
+@family_route('DELETE', '/admin/families/<family_id>/notes/<note_id>')
+def admin_notes_delete(family, note_id):
     """Delete a coaching note and tell the family's devices."""
-    family_or_404(family_id)
-    if not drop_note(family_id, note_id):
+    if not drop_note(family['id'], note_id):
         bottle.abort(404, 'No such note.')
-    response.status = 204
-    return ''
+    return bottle.HTTPResponse(status=204)
 
 
 def parse_date(text, tz):
@@ -2585,44 +2556,34 @@ def parse_date(text, tz):
         bottle.abort(400, 'date must look like 2026-01-31.')
 
 
-@app.get('/admin/families/<family_id>/summary')
-@admin_required
-def admin_family_summary(family_id):
+@family_route('GET', '/admin/families/<family_id>/summary')
+def admin_family_summary(family):
     """The family's day: hourly events and totals."""
-    family = family_or_404(family_id)
     return day_summary(family, parse_date(request.query.get('date'), family['tz']))
 
 
-@app.get('/admin/families/<family_id>/report')
-@admin_required
-def admin_family_report(family_id):
+@family_route('GET', '/admin/families/<family_id>/report')
+def admin_family_report(family):
     """The family's nights and days, oldest first (`days` 1-60, up to `end`)."""
-    family, days, end = family_or_404(family_id), request.query.get('days', '14'), request.query.get('end')
+    days, end = request.query.get('days', '14'), request.query.get('end')
     if not (re.fullmatch('[0-9]{1,18}', days) and 1 <= int(days) <= 60):
         bottle.abort(400, 'days must be a whole number from 1 to 60.')
     return night_report(family, int(days), parse_date(end, family['tz']) if end else None)
 
 
-@app.post('/admin/families/<family_id>/links')
-@admin_required
-def admin_links_create(family_id):
+@family_route('POST', '/admin/families/<family_id>/links')
+def admin_links_create(family):
     """Create a share link."""
-    family_or_404(family_id)
     data = json_body()
-    link = create_link(family_id, data.get('label'), data.get('expires_at'))
-    response.status = 201
-    return link
+    return bottle.HTTPResponse(create_link(family['id'], data.get('label'), data.get('expires_at')), 201)
 
 
-@app.delete('/admin/families/<family_id>/links/<token>')
-@admin_required
-def admin_links_revoke(family_id, token):
+@family_route('DELETE', '/admin/families/<family_id>/links/<token>')
+def admin_links_revoke(family, token):
     """Revoke a share link and close its sockets."""
-    family_or_404(family_id)
-    if not revoke_and_close(family_id, token):
+    if not revoke_and_close(family['id'], token):
         bottle.abort(404, 'No such link.')
-    response.status = 204
-    return ''
+    return bottle.HTTPResponse(status=204)
 
 
 # The button editor's fields: g1.category, g1.stateful, g1.order, g1.remove, g1.b2.label, g1.b2.counted ...
