@@ -2206,8 +2206,7 @@ def before_request():
 @app.hook('after_request')
 def after_request():
     """Add the security headers to every answer."""
-    for name, value in SECURITY_HEADERS.items():
-        response.set_header(name, value)
+    response.headers.update(SECURITY_HEADERS)
     if request.path.startswith('/admin'):
         response.set_header('Cache-Control', 'no-store')
     if SECURE_COOKIES:  # BASE_URL is https
@@ -2253,8 +2252,7 @@ def health():
     try:
         db.execute('SELECT COUNT(*) FROM admins').fetchone()
     except sqlite3.Error:
-        response.status = 503
-        return {'ok': False, 'reason': 'the database cannot be read'}
+        return bottle.HTTPResponse({'ok': False, 'reason': 'the database cannot be read'}, 503)
     if storage['fault']:
         return bottle.HTTPResponse({'ok': False, 'reason': f'writes fail: {storage["fault"]}'}, 503,
                                    {'Retry-After': str(STORAGE_RETRY)})
@@ -2361,8 +2359,7 @@ def ws_sync():
     if ws is None or link is None:
         status, message = request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.')
         raise bottle.HTTPError(status, message, **({'Retry-After': '30'} if status == 429 else {}))
-    since, days = int(request.query.get('since', '0')), request.query.get('days')
-    tz = link['tz']
+    since, days, tz = int(request.query.get('since', '0')), request.query.get('days'), link['tz']
     after = None if since or days is None else day_window(local_today(tz) - dt.timedelta(days=int(days) - 1), tz)[0]
     serve_socket(ws, link, since, after)
     return ''
@@ -2548,10 +2545,8 @@ def admin_notes_delete(family, note_id):
 
 def parse_date(text, tz):
     """Return the date YYYY-MM-DD (today in tz when empty), or abort with 400."""
-    if not text:
-        return local_today(tz)
     try:
-        return dt.date.fromisoformat(text)
+        return dt.date.fromisoformat(text) if text else local_today(tz)
     except ValueError:
         bottle.abort(400, 'date must look like 2026-01-31.')
 
@@ -2611,22 +2606,23 @@ def editor_typed(data):
             row = groups.setdefault(int(g), dict(GROUP_ROW, buttons={}))
             if b is not None:
                 row = row['buttons'].setdefault(int(b), dict(BUTTON_ROW))
-            row[field] = value if field in ('category', 'label', 'order') else True  # a checkbox is sent only when ticked
+            row[field] = value if field in ('category', 'label', 'order') else True  # sent only when ticked
     return [dict(row, buttons=[row['buttons'][b] for b in sorted(row['buttons'])]) for _, row in sorted(groups.items())]
 
 
 def editor_config(groups):
     """Return the button groups that the editor's rows describe, in their order, or raise Invalid."""
     def ordered(rows, what):
-        for row in rows:
-            if row['order'].strip() and not re.fullmatch(r'-?\d{1,6}', row['order'].strip()):
-                raise Invalid(f'The order of {what} must be a whole number, not "{row["order"].strip()}".')
-        return sorted(rows, key=lambda row: int(row['order']) if row['order'].strip() else 10**6)  # ties keep their place
+        for order in (row['order'].strip() for row in rows):
+            if order and not re.fullmatch(r'-?\d{1,6}', order):
+                raise Invalid(f'The order of {what} must be a whole number, not "{order}".')
+        return sorted(rows, key=lambda row: int(row['order'].strip() or 10**6))  # stable: ties keep their place
     config = []
     for group in ordered(groups, 'a group'):
         name, stateful = group['category'].strip(), group['stateful']
-        buttons = [{'label': b['label'].strip(), **{flag: b[flag] for flag in ('timing', 'counted') if b[flag] or stateful}}
-                   for b in ordered(group['buttons'], f'a button in "{name}"') if b['label'].strip() and not b['remove']]
+        rows = ordered(group['buttons'], f'a button in "{name}"')
+        buttons = [{'label': b['label'].strip(), **{f: b[f] for f in ('timing', 'counted') if b[f] or stateful}}
+                   for b in rows if b['label'].strip() and not b['remove']]
         if group['remove'] or not (name or buttons):  # removed, or an empty row left as it was
             continue
         if not name:
@@ -2646,7 +2642,7 @@ def plan_fields(plan):
 
 
 def planned_minutes(plan):
-    """Return the plan's sleep as (first minute, minutes) on the wall clock: the night from bedtime to wake, the naps."""
+    """Return the plan's sleep as (first minute, minutes) on the wall clock: bedtime to wake, then the naps."""
     if not plan:
         return []
     wake, bed = day_minute(plan['wake']), day_minute(plan['bedtime'])
@@ -2668,14 +2664,14 @@ def nights_table(family, end, now):
                            else f"{'late' if minutes > 0 else 'early'} {hm(abs(minutes))}")
     table = []
     for row in reversed(night_report(family, 14, end, now)['days']):
-        night, day, diff, slept = row['night'], row['day'], row['plan_diff'], row['night']['sleep_minutes'] > 0
+        night, day, diff = row['night'], row['day'], row['plan_diff']
+        sleep = ({'sleep': hm(night['sleep_minutes']), 'wakings': night['wakings'], 'awake': hm(night['awake_minutes']),
+                  'longest': hm(night['longest_stretch_minutes'])} if night['sleep_minutes'] > 0
+                 else dict.fromkeys(('sleep', 'wakings', 'awake', 'longest'), '—'))
         table.append({'date': dt.date.fromisoformat(row['date']), 'complete': night['complete'],
                       'bedtime': clock(night['bedtime']), 'bedtime_diff': off(diff['bedtime_minutes']),
                       'wake': clock(night['morning_wake']), 'wake_diff': off(diff['wake_minutes']),
-                      'sleep': hm(night['sleep_minutes']) if slept else '—',
-                      'wakings': night['wakings'] if slept else '—', 'awake': hm(night['awake_minutes']) if slept else '—',
-                      'longest': hm(night['longest_stretch_minutes']) if slept else '—',
-                      'naps': day['naps'], 'nap_time': hm(day['nap_minutes']) if day['naps'] else '—',
+                      **sleep, 'naps': day['naps'], 'nap_time': hm(day['nap_minutes']) if day['naps'] else '—',
                       'windows': [hm(minutes) for minutes in day['wake_windows']]})
     return table
 
