@@ -2235,7 +2235,7 @@ def family_or_404(family_id):
 
 
 def family_route(method, path):
-    """Route an admin request about the family in `path`: a logged-in admin first, then the family (404), passed on."""
+    """Route an admin request about the family in `path`: a logged-in admin first, then the family (404) as `family`."""
     def register(callback):
         def route(family_id, **ids):
             return callback(family_or_404(family_id), **ids)
@@ -2606,7 +2606,7 @@ def editor_typed(data):
             row = groups.setdefault(int(g), dict(GROUP_ROW, buttons={}))
             if b is not None:
                 row = row['buttons'].setdefault(int(b), dict(BUTTON_ROW))
-            row[field] = value if field in ('category', 'label', 'order') else True  # sent only when ticked
+            row[field] = value if field in ('category', 'label', 'order') else True  # a checkbox: sent only when ticked
     return [dict(row, buttons=[row['buttons'][b] for b in sorted(row['buttons'])]) for _, row in sorted(groups.items())]
 
 
