@@ -2030,7 +2030,6 @@ bottle.TEMPLATE_PATH[:] = [os.path.join(HERE, 'views')]
 bottle.BaseRequest.MEMFILE_MAX = MAX_BODY
 request, response = bottle.request, bottle.response
 STATIC_ROOT = os.path.join(HERE, 'static')
-APP_ROOT = os.path.join(STATIC_ROOT, 'app')
 SECURITY_HEADERS = {
     'Content-Security-Policy': "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
                                "style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -2040,6 +2039,7 @@ SECURITY_HEADERS = {
 }
 
 
+@app.install
 def refuse_invalid(callback):
     """Plugin: turn a domain Invalid into a 400 with its message."""
     def wrapper(*args, **kwargs):
@@ -2048,9 +2048,6 @@ def refuse_invalid(callback):
         except Invalid as error:
             raise bottle.HTTPError(400, str(error)) from None
     return wrapper
-
-
-app.install(refuse_invalid)
 
 
 def wants_json():
@@ -2165,8 +2162,7 @@ def before_request():
 @app.hook('after_request')
 def after_request():
     """Add the security headers to every answer."""
-    for name, value in SECURITY_HEADERS.items():
-        response.set_header(name, value)
+    response.headers.update(SECURITY_HEADERS)
     if request.path.startswith('/admin'):
         response.set_header('Cache-Control', 'no-store')
     if SECURE_COOKIES:  # BASE_URL is https
@@ -2194,6 +2190,16 @@ def family_or_404(family_id):
     return family
 
 
+def family_route(method, path):
+    """Route an admin request about the family in `path`: a logged-in admin first, then the family (404) as `family`."""
+    def register(callback):
+        def route(family_id, **ids):
+            return callback(family_or_404(family_id), **ids)
+        app.route(path, method, admin_required(route))
+        return callback
+    return register
+
+
 # -- health and parents' routes -------------------------------------------------
 
 @app.get('/health')
@@ -2202,12 +2208,10 @@ def health():
     try:
         db.execute('SELECT COUNT(*) FROM admins').fetchone()
     except sqlite3.Error:
-        response.status = 503
-        return {'ok': False, 'reason': 'the database cannot be read'}
+        return bottle.HTTPResponse({'ok': False, 'reason': 'the database cannot be read'}, 503)
     if storage['fault']:
-        response.status = 503
-        response.set_header('Retry-After', str(STORAGE_RETRY))
-        return {'ok': False, 'reason': f'writes fail: {storage["fault"]}'}
+        return bottle.HTTPResponse({'ok': False, 'reason': f'writes fail: {storage["fault"]}'}, 503,
+                                   {'Retry-After': str(STORAGE_RETRY)})
     return {'ok': True, 'version': VERSION}
 
 
@@ -2216,9 +2220,7 @@ def link_open(token):
     """Check a share link, set its cookie and send the device to the app."""
     link, problem = check_link(token)
     if problem:
-        status, reason, message = problem
-        response.status = status
-        return page('message', title='This link does not work', message=message)
+        return bottle.HTTPResponse(page('message', title='This link does not work', message=problem[2]), problem[0])
     max_age = (link['expires_at'] - now_ms()) // 1000 if link['expires_at'] else 400 * 86400
     response.set_cookie(LINK_COOKIE, token, path='/', httponly=True, samesite='lax',
                         secure=SECURE_COOKIES, max_age=max_age)
@@ -2230,42 +2232,32 @@ def app_redirect():
     redirect('/app/', 301)
 
 
-@app.get('/app/')
-def app_shell():
-    """Serve the parents' app."""
-    return app_file('index.html')
-
-
-def cookie_link():
-    """Return (link, None) for the request's link cookie, else (None, the answer refusing it)."""
-    token = request.get_cookie(LINK_COOKIE)
-    if not token:
-        bottle.abort(401, 'Open the link your consultant sent you.')
-    link, problem = check_link(token)
-    if problem:
-        status, reason, message = problem
-        response.status = status
-        return None, {'error': message, 'reason': reason}
-    return link, None
+def link_required(callback):
+    """Decorator: the route needs the cookie of a working link, passed as `link` (else JSON saying why not)."""
+    def wrapper():
+        token = request.get_cookie(LINK_COOKIE)
+        if not token:
+            bottle.abort(401, 'Open the link your consultant sent you.')
+        link, problem = check_link(token)
+        if problem:
+            return bottle.HTTPResponse({'error': problem[2], 'reason': problem[1]}, problem[0])
+        return callback(link)
+    return wrapper
 
 
 @app.get('/app/me')
-def app_me():
+@link_required
+def app_me(link):
     """Tell the parents' app which family its link cookie opens (or why it no longer does)."""
-    link, refused = cookie_link()
-    if refused:
-        return refused
     return {'family': {'id': link['family_id'], 'name': link['family_name'], 'tz': link['tz'],
                        'night_start': link['night_start'], 'night_end': link['night_end']},
             'label': link['label'], 'expires_at': link['expires_at']}
 
 
 @app.get('/app/entries')
-def app_entries():
+@link_required
+def app_entries(link):
     """Older days for the parents' app (PROTOCOL.md, "Connecting"): live entries in [before - days, before)."""
-    link, refused = cookie_link()
-    if refused:
-        return refused
     before, days = request.query.get('before', ''), request.query.get('days', '')
     if not re.fullmatch('[0-9]{1,15}', before) or not re.fullmatch('[0-9]{1,2}', days) or not 1 <= int(days) <= 31:
         bottle.abort(400, 'before must be a time in ms and days a whole number from 1 to 31.')
@@ -2273,10 +2265,10 @@ def app_entries():
     return f'{{"entries":{entries_between(link["family_id"], int(before) - int(days) * 86400000, int(before))}}}'
 
 
-@app.get('/app/<path:path>')
-def app_file(path):
-    """Serve a file of the parents' app; the shell is revalidated on every load."""
-    answer = bottle.static_file(path, root=APP_ROOT)
+@app.get(['/app/', '/app/<path:path>'])
+def app_file(path='index.html'):
+    """Serve a file of the parents' app (/app/ is its shell); each is revalidated on every load."""
+    answer = bottle.static_file(path, root=os.path.join(STATIC_ROOT, 'app'))
     answer.set_header('Cache-Control', 'no-cache')
     return answer
 
@@ -2294,12 +2286,10 @@ def ws_link(environ):
     req = bottle.BaseRequest(environ)
     link, problem = check_link(req.get_cookie(LINK_COOKIE))
     if problem:
-        status = 401 if problem[1] == 'unknown' else 403
-        return None, (status, problem[2])
+        return None, (401 if problem[1] == 'unknown' else 403, problem[2])
     if req.query.get('family') != link['family_id']:
         return None, (403, 'This link is for another family.')
-    since = req.query.get('since', '0')
-    if not re.fullmatch('[0-9]{1,18}', since):
+    if not re.fullmatch('[0-9]{1,18}', req.query.get('since', '0')):
         return None, (400, 'since must be a whole number.')
     if sum(peer.token == link['token'] for peer in hub.peers(link['family_id'])) >= WS_SOCKETS_PER_LINK:
         return None, (429, f'This link is open on {WS_SOCKETS_PER_LINK} devices already. Close one and try again.')
@@ -2325,8 +2315,7 @@ def ws_sync():
     if ws is None or link is None:
         status, message = request.environ.get('babytrackd.problem') or (426, 'This address only speaks WebSocket.')
         raise bottle.HTTPError(status, message, **({'Retry-After': '30'} if status == 429 else {}))
-    since, days = int(request.query.get('since', '0')), request.query.get('days')
-    tz = link['tz']
+    since, days, tz = int(request.query.get('since', '0')), request.query.get('days'), link['tz']
     after = None if since or days is None else day_window(local_today(tz) - dt.timedelta(days=int(days) - 1), tz)[0]
     serve_socket(ws, link, since, after)
     return ''
@@ -2342,14 +2331,11 @@ def admin_login():
         bottle.abort(403, 'Log in from this site.')
     data = form_or_json()
     token, refused = log_in(client_address(), data.get('username'), data.get('password'))
-    if refused and not is_form:
-        raise bottle.HTTPError(refused[0], refused[1], **refused[2])
+    if refused and is_form:  # the login page again, with what was typed
+        return bottle.HTTPResponse(page('login', error=refused[1], username_value=data.get('username') or ''),
+                                   refused[0], refused[2])
     if refused:
-        username = data.get('username')
-        response.status = refused[0]
-        for name, value in refused[2].items():
-            response.set_header(name, value)
-        return page('login', error=refused[1], username_value=username if isinstance(username, str) else '')
+        raise bottle.HTTPError(refused[0], refused[1], **refused[2])
     response.set_cookie(ADMIN_COOKIE, token, path='/admin', httponly=True,
                         samesite='strict', secure=SECURE_COOKIES, max_age=SESSION_DAYS * 86400)
     if is_form:
@@ -2409,9 +2395,7 @@ def admin_families_list():
 def admin_families_create():
     """Create a family."""
     data = json_body()
-    family = create_family(data.get('name'), data.get('notes') or '', data.get('tz') or None)
-    response.status = 201
-    return family
+    return bottle.HTTPResponse(create_family(data.get('name'), data.get('notes') or '', data.get('tz') or None), 201)
 
 
 # What an admin change does, whichever route asked: store it, then the family's devices hear of it at once.
@@ -2458,127 +2442,99 @@ def drop_note(family_id, note_id):
     return deleted
 
 
-@app.get('/admin/families/<family_id>')
-@admin_required
-def admin_family_show(family_id):
+@family_route('GET', '/admin/families/<family_id>')
+def admin_family_show(family):
     """A family's detail (JSON) or page."""
-    family = family_or_404(family_id)
     limit = request.query.get('limit')
     if limit is not None and not (re.fullmatch('[0-9]{1,18}', limit) and 0 < int(limit) <= 100_000):
         bottle.abort(400, 'limit must be a whole number from 1 to 100000.')
     if wants_json():
-        return dict(family, links=list_links(family_id), config=get_config(family_id), plan=get_plan(family_id),
-                    entries=live_entries(family_id, int(limit) if limit else None))
+        return dict(family, links=list_links(family['id']), config=get_config(family['id']),
+                    plan=get_plan(family['id']), entries=live_entries(family['id'], int(limit) if limit else None))
     return page('family', **family_page(family, request.query.get('date')))
 
 
-@app.route('/admin/families/<family_id>', method='PATCH')
-@admin_required
-def admin_family_update(family_id):
+@family_route('PATCH', '/admin/families/<family_id>')
+def admin_family_update(family):
     """Change a family's name, notes, time zone or archived flag."""
-    family_or_404(family_id)
-    return change_family(family_id, json_body())
+    return change_family(family['id'], json_body())
 
 
-@app.put('/admin/families/<family_id>/config')
-@admin_required
-def admin_config_put(family_id):
+@family_route('PUT', '/admin/families/<family_id>/config')
+def admin_config_put(family):
     """Store the family's button groups and push them to its devices."""
-    family_or_404(family_id)
     data = json_body()
     if 'data' not in data:
         bottle.abort(400, 'Send {"data": [button groups]}.')
-    return {'data': push_config(family_id, data['data'])}
+    return {'data': push_config(family['id'], data['data'])}
 
 
-@app.put('/admin/families/<family_id>/plan')
-@admin_required
-def admin_plan_put(family_id):
+@family_route('PUT', '/admin/families/<family_id>/plan')
+def admin_plan_put(family):
     """Store the family's plan ({"plan": null} clears it) and push it to its devices."""
-    family_or_404(family_id)
     data = json_body()
-    return push_plan(family_id, data['plan'] if 'plan' in data else data) or {'plan': None}
+    return push_plan(family['id'], data['plan'] if 'plan' in data else data) or {'plan': None}
 
 
-@app.get('/admin/families/<family_id>/notes')
-@admin_required
-def admin_notes_list(family_id):
+@family_route('GET', '/admin/families/<family_id>/notes')
+def admin_notes_list(family):
     """The family's coaching notes, newest first."""
-    family_or_404(family_id)
     if not wants_json():
-        redirect(f'/admin/families/{family_id}#notes', 303)
-    return {'notes': list_notes(family_id)}
+        redirect(f"/admin/families/{family['id']}#notes", 303)
+    return {'notes': list_notes(family['id'])}
 
 
-@app.post('/admin/families/<family_id>/notes')
-@admin_required
-def admin_notes_create(family_id):
+@family_route('POST', '/admin/families/<family_id>/notes')
+def admin_notes_create(family):
     """Write a coaching note and push it to the family's devices."""
-    family_or_404(family_id)
     data = json_body()
-    response.status = 201
-    return push_note(family_id, data.get('date'), data.get('text'))
+    return bottle.HTTPResponse(push_note(family['id'], data.get('date'), data.get('text')), 201)
 
 
-@app.delete('/admin/families/<family_id>/notes/<note_id>')
-@admin_required
-def admin_notes_delete(family_id, note_id):
+@family_route('DELETE', '/admin/families/<family_id>/notes/<note_id>')
+def admin_notes_delete(family, note_id):
     """Delete a coaching note and tell the family's devices."""
-    family_or_404(family_id)
-    if not drop_note(family_id, note_id):
+    if not drop_note(family['id'], note_id):
         bottle.abort(404, 'No such note.')
-    response.status = 204
-    return ''
+    return bottle.HTTPResponse(status=204)
 
 
 def parse_date(text, tz):
     """Return the date YYYY-MM-DD (today in tz when empty), or abort with 400."""
-    if not text:
-        return local_today(tz)
     try:
-        return dt.date.fromisoformat(text)
+        return dt.date.fromisoformat(text) if text else local_today(tz)
     except ValueError:
         bottle.abort(400, 'date must look like 2026-01-31.')
 
 
-@app.get('/admin/families/<family_id>/summary')
-@admin_required
-def admin_family_summary(family_id):
+@family_route('GET', '/admin/families/<family_id>/summary')
+def admin_family_summary(family):
     """The family's day: hourly events and totals."""
-    family = family_or_404(family_id)
     return day_summary(family, parse_date(request.query.get('date'), family['tz']))
 
 
-@app.get('/admin/families/<family_id>/report')
-@admin_required
-def admin_family_report(family_id):
+@family_route('GET', '/admin/families/<family_id>/report')
+def admin_family_report(family):
     """The family's nights and days, oldest first (`days` 1-60, up to `end`)."""
-    family, days, end = family_or_404(family_id), request.query.get('days', '14'), request.query.get('end')
+    days, end = request.query.get('days', '14'), request.query.get('end')
     if not (re.fullmatch('[0-9]{1,18}', days) and 1 <= int(days) <= 60):
         bottle.abort(400, 'days must be a whole number from 1 to 60.')
     return night_report(family, int(days), parse_date(end, family['tz']) if end else None)
 
 
-@app.post('/admin/families/<family_id>/links')
-@admin_required
-def admin_links_create(family_id):
+@family_route('POST', '/admin/families/<family_id>/links')
+def admin_links_create(family):
     """Create a share link."""
-    family_or_404(family_id)
     data = json_body()
-    link = create_link(family_id, data.get('label'), data.get('expires_at'))
-    response.status = 201
-    return link
+    return bottle.HTTPResponse(create_link(family['id'], data.get('label'), data.get('expires_at')), 201)
 
 
-@app.delete('/admin/families/<family_id>/links/<token>')
-@admin_required
-def admin_links_revoke(family_id, token):
+@family_route('DELETE', '/admin/families/<family_id>/links/<token>')
+def admin_links_revoke(family, token):
     """Revoke a share link and close its sockets."""
-    family_or_404(family_id)
-    if not revoke_and_close(family_id, token):
+    if not revoke_and_close(family['id'], token):
         bottle.abort(404, 'No such link.')
-    response.status = 204
-    return ''
+    return bottle.HTTPResponse(status=204)
 
 
 # The button editor's fields: g1.category, g1.stateful, g1.order, g1.remove, g1.b2.label, g1.b2.counted ...
@@ -2606,22 +2562,23 @@ def editor_typed(data):
             row = groups.setdefault(int(g), dict(GROUP_ROW, buttons={}))
             if b is not None:
                 row = row['buttons'].setdefault(int(b), dict(BUTTON_ROW))
-            row[field] = value if field in ('category', 'label', 'order') else True  # a checkbox is sent only when ticked
+            row[field] = value if field in ('category', 'label', 'order') else True  # a checkbox: sent only when ticked
     return [dict(row, buttons=[row['buttons'][b] for b in sorted(row['buttons'])]) for _, row in sorted(groups.items())]
 
 
 def editor_config(groups):
     """Return the button groups that the editor's rows describe, in their order, or raise Invalid."""
     def ordered(rows, what):
-        for row in rows:
-            if row['order'].strip() and not re.fullmatch(r'-?\d{1,6}', row['order'].strip()):
-                raise Invalid(f'The order of {what} must be a whole number, not "{row["order"].strip()}".')
-        return sorted(rows, key=lambda row: int(row['order']) if row['order'].strip() else 10**6)  # ties keep their place
+        for order in (row['order'].strip() for row in rows):
+            if order and not re.fullmatch(r'-?\d{1,6}', order):
+                raise Invalid(f'The order of {what} must be a whole number, not "{order}".')
+        return sorted(rows, key=lambda row: int(row['order'].strip() or 10**6))  # stable: ties keep their place
     config = []
     for group in ordered(groups, 'a group'):
         name, stateful = group['category'].strip(), group['stateful']
-        buttons = [{'label': b['label'].strip(), **{flag: b[flag] for flag in ('timing', 'counted') if b[flag] or stateful}}
-                   for b in ordered(group['buttons'], f'a button in "{name}"') if b['label'].strip() and not b['remove']]
+        rows = ordered(group['buttons'], f'a button in "{name}"')
+        buttons = [{'label': b['label'].strip(), **{f: b[f] for f in ('timing', 'counted') if b[f] or stateful}}
+                   for b in rows if b['label'].strip() and not b['remove']]
         if group['remove'] or not (name or buttons):  # removed, or an empty row left as it was
             continue
         if not name:
@@ -2641,7 +2598,7 @@ def plan_fields(plan):
 
 
 def planned_minutes(plan):
-    """Return the plan's sleep as (first minute, minutes) on the wall clock: the night from bedtime to wake, the naps."""
+    """Return the plan's sleep as (first minute, minutes) on the wall clock: bedtime to wake, then the naps."""
     if not plan:
         return []
     wake, bed = day_minute(plan['wake']), day_minute(plan['bedtime'])
@@ -2663,14 +2620,14 @@ def nights_table(family, end, now):
                            else f"{'late' if minutes > 0 else 'early'} {hm(abs(minutes))}")
     table = []
     for row in reversed(night_report(family, 14, end, now)['days']):
-        night, day, diff, slept = row['night'], row['day'], row['plan_diff'], row['night']['sleep_minutes'] > 0
+        night, day, diff = row['night'], row['day'], row['plan_diff']
+        sleep = ({'sleep': hm(night['sleep_minutes']), 'wakings': night['wakings'], 'awake': hm(night['awake_minutes']),
+                  'longest': hm(night['longest_stretch_minutes'])} if night['sleep_minutes'] > 0
+                 else dict.fromkeys(('sleep', 'wakings', 'awake', 'longest'), '—'))
         table.append({'date': dt.date.fromisoformat(row['date']), 'complete': night['complete'],
                       'bedtime': clock(night['bedtime']), 'bedtime_diff': off(diff['bedtime_minutes']),
                       'wake': clock(night['morning_wake']), 'wake_diff': off(diff['wake_minutes']),
-                      'sleep': hm(night['sleep_minutes']) if slept else '—',
-                      'wakings': night['wakings'] if slept else '—', 'awake': hm(night['awake_minutes']) if slept else '—',
-                      'longest': hm(night['longest_stretch_minutes']) if slept else '—',
-                      'naps': day['naps'], 'nap_time': hm(day['nap_minutes']) if day['naps'] else '—',
+                      **sleep, 'naps': day['naps'], 'nap_time': hm(day['nap_minutes']) if day['naps'] else '—',
                       'windows': [hm(minutes) for minutes in day['wake_windows']]})
     return table
 
