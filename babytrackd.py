@@ -812,15 +812,13 @@ def validate_entry_fields(entry, now, need_all):
     """Return the valid wire fields of an entry message (id, ts, type, value, deleted, updated_at)."""
     if not isinstance(entry, dict):
         raise Invalid('entry must be an object')
-    entry_id = entry.get('id')
-    if not isinstance(entry_id, str) or not ID_PATTERN.fullmatch(entry_id):
+    if not isinstance(entry.get('id'), str) or not ID_PATTERN.fullmatch(entry['id']):
         raise Invalid('entry id must be 1-64 characters of A-Z a-z 0-9 _ -')
-    fields = {'id': entry_id}
+    fields = {'id': entry['id']}
     if 'ts' in entry:
-        ts = check_int(entry['ts'], 'ts')
-        if not MIN_TS <= ts <= now + DAY_MS:
+        fields['ts'] = check_int(entry['ts'], 'ts')
+        if not MIN_TS <= fields['ts'] <= now + DAY_MS:
             raise Invalid('ts must be between 2000-01-01 and one day from now')
-        fields['ts'] = ts
     if 'type' in entry:
         fields['type'] = check_text(entry['type'], 'type', 1, 64)
     if 'value' in entry:
@@ -828,13 +826,12 @@ def validate_entry_fields(entry, now, need_all):
     if 'deleted' in entry:
         fields['deleted'] = check_bool(entry['deleted'], 'deleted')
     if entry.get('updated_at') is not None:
-        if check_int(entry['updated_at'], 'updated_at') < 0:
+        fields['updated_at'] = check_int(entry['updated_at'], 'updated_at')
+        if fields['updated_at'] < 0:
             raise Invalid('updated_at must not be negative')
-        fields['updated_at'] = entry['updated_at']
-    if need_all:
-        missing = [name for name in ('ts', 'type', 'value') if name not in fields]
-        if missing:
-            raise Invalid(f'entry needs {", ".join(missing)}')
+    missing = [name for name in ('ts', 'type', 'value') if need_all and name not in fields]
+    if missing:
+        raise Invalid(f'entry needs {", ".join(missing)}')
     return fields
 
 
@@ -854,8 +851,8 @@ entry_counts = {}  # family id -> (entries, the family's highest seq then): coun
 
 
 def check_family_room(family_id, seq, new, room=False):
-    """Refuse a new entry beyond FAMILY_MAX_ENTRIES (unless an import checked its `room`); `seq` is the one it will take.
-    The count is kept while the family's highest seq is one we gave it; after any other writer, the next new entry recounts."""
+    """Refuse a new entry past FAMILY_MAX_ENTRIES unless an import checked its `room`; `seq` is the one it takes.
+    Its count is kept while the family's highest seq is one we gave; after any other writer, a new entry recounts."""
     top = db.execute('SELECT MAX(seq) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
     count, seen = entry_counts.get(family_id, (None, None))
     if count is None or seen != top:
@@ -871,8 +868,8 @@ change_counts = {}  # family id -> (change-log rows, its highest seq then, where
 
 
 def trim_changes(family_id, seq):
-    """Keep a family's change log within 2 x FAMILY_MAX_ENTRIES rows before row `seq` joins it: past that, drop
-    its oldest versions that no entry holds now, a hundredth of the bound at a time so the next writes drop none."""
+    """Keep a family's change log within 2 x FAMILY_MAX_ENTRIES rows before row `seq` joins it: past that, drop its
+    oldest versions that no entry holds now, a hundredth of the bound at a time so the next writes drop none."""
     top = db.execute('SELECT MAX(seq) FROM changes WHERE family_id = ?', (family_id,)).fetchone()[0]
     count, seen, low = change_counts.get(family_id, (None, None, 0))
     if count is None or seen != top:
@@ -882,10 +879,10 @@ def trim_changes(family_id, seq):
     # below that was superseded since
     for start in (low, 0) if count >= 2 * FAMILY_MAX_ENTRIES else ():
         want = count + 1 - 2 * FAMILY_MAX_ENTRIES + FAMILY_MAX_ENTRIES // 50
-        dropped = [row[0] for row in db.execute("""DELETE FROM changes WHERE seq IN (
-                     SELECT seq FROM changes c WHERE family_id = ? AND seq > ? AND NOT EXISTS
-                       (SELECT 1 FROM entries WHERE seq = c.seq) ORDER BY seq LIMIT ?) RETURNING seq""",
-                                                   (family_id, start, want))]
+        dropped = [row[0] for row in db.execute("""
+            DELETE FROM changes WHERE seq IN (SELECT seq FROM changes c WHERE family_id = ? AND seq > ?
+              AND NOT EXISTS (SELECT 1 FROM entries WHERE seq = c.seq) ORDER BY seq LIMIT ?) RETURNING seq""",
+                                                (family_id, start, want))]
         count, low = count - len(dropped), max(dropped, default=low)
         if len(dropped) == want:
             break
@@ -913,11 +910,11 @@ def apply_entry(family_id, action, message, by, now=None, room=False):
         stored = one('SELECT * FROM entries WHERE id = ?', fields['id'])
         if stored and stored['family_id'] != family_id:
             raise Invalid('entry id is already in use')
+        if stored is None and not {'ts', 'type', 'value'} <= fields.keys():
+            raise Invalid('no such entry')
         stored = entry_dict(stored) if stored else None
         old = {name: stored[name] for name in ENTRY_FIELDS} if stored else {'deleted': False}
         new = {**old, **{name: fields[name] for name in ENTRY_FIELDS if name in fields}}
-        if len(new) < len(ENTRY_FIELDS):
-            raise Invalid('no such entry')
         if stored and new == old:
             return 'repeat', action, stored
         new['updated_at'] = updated_at
@@ -925,20 +922,17 @@ def apply_entry(family_id, action, message, by, now=None, room=False):
             return 'stale', 'update', stored
         seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]
         check_family_room(family_id, seq, new=stored is None, room=room)
-        db.execute("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
-                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                      ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, type = excluded.type, value = excluded.value,
-                        deleted = excluded.deleted, updated_at = excluded.updated_at, seq = excluded.seq, by = excluded.by""",
-                   (fields['id'], family_id, new['ts'], new['type'], new['value'], int(new['deleted']),
-                    new['updated_at'], seq, by))
+        row = (seq, fields['id'], family_id, *(new[name] for name in ENTRY_FIELDS), new['updated_at'], by)
+        db.execute("""INSERT INTO entries (seq, id, family_id, ts, type, value, deleted, updated_at, by)
+                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ts = excluded.ts,
+                        type = excluded.type, value = excluded.value, deleted = excluded.deleted,
+                        updated_at = excluded.updated_at, seq = excluded.seq, by = excluded.by""", row)
         # the change log, in the same transaction; an entry's seq only grows, so its rows' seqs are unique too
         trim_changes(family_id, seq)
         db.execute("""INSERT INTO changes (seq, entry_id, family_id, ts, type, value, deleted, updated_at, by, at)
-                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", (seq, fields['id'], family_id, new['ts'], new['type'],
-                                                                new['value'], int(new['deleted']), new['updated_at'], by, now))
-    entry = {'id': fields['id'], **new, 'seq': seq, 'by': by}
+                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", (*row, now))
     kind = 'add' if stored is None else 'delete' if new['deleted'] else 'update'
-    return 'accepted', kind, entry
+    return 'accepted', kind, {'id': fields['id'], **new, 'seq': seq, 'by': by}
 
 
 def restore_entry(family_id, entry_id, seq, by, now=None):
@@ -948,10 +942,10 @@ def restore_entry(family_id, entry_id, seq, by, now=None):
     if version is None:
         return None
     now = now_ms() if now is None else now
-    current = one('SELECT updated_at FROM entries WHERE id = ?', entry_id)
+    current = one('SELECT updated_at FROM entries WHERE id = ?', entry_id)['updated_at']
     # now, or just after the current version when a device's clock ran ahead of ours: a restore always wins
     entry = {'id': entry_id, 'ts': version['ts'], 'type': version['type'], 'value': version['value'],
-             'deleted': bool(version['deleted']), 'updated_at': max(now, current['updated_at'] + 1)}
+             'deleted': bool(version['deleted']), 'updated_at': max(now, current + 1)}
     return apply_entry(family_id, 'update', {'entry': entry}, by, now)
 
 
