@@ -970,7 +970,7 @@ def import_id(family_id, *source):
 
 
 def local_ms(text, tz, name, fold=0):
-    """Return the milliseconds of a local 'YYYY-MM-DD HH:MM[:SS]' in zone tz (a time that happens twice: fold 0 the first)."""
+    """Return the milliseconds of local 'YYYY-MM-DD HH:MM[:SS]' in zone tz (a time that happens twice: fold 0 first)."""
     try:
         moment = dt.datetime.fromisoformat(text.strip())
     except ValueError:
@@ -995,7 +995,7 @@ def huckleberry_entries(row, tz):
         if 'bottle' in row['Start Location'].lower():
             return [(start, 'feed', 'bottle')]
         found, at = [], start
-        for hours, minutes, side in BREAST_SIDES.findall(conditions):  # each side in the order listed, one after the other
+        for hours, minutes, side in BREAST_SIDES.findall(conditions):  # each side in turn, as listed
             if int(hours) or int(minutes):
                 found.append((at, 'feed', 'breast left' if side.upper() == 'L' else 'breast right'))
                 at += (int(hours) * 60 + int(minutes)) * 60000
@@ -1041,12 +1041,12 @@ def export_rows(source):
             fields = {name: item.get(name) for name in ('ts', 'type', 'value', 'updated_at')}
             yield f'Entry {number}', item.get('id', ''), 'deleted' if item.get('deleted') else fields
         return
+    unquote = lambda text: text[1:] if text[:1] == "'" and text[1:2] in tuple("=+-@\t\r'") else text  # see the export
     for where, row in csv_rows(source, {'id', 'ts', 'type', 'value'}):
         try:
             ts, updated_at = int(row['ts']), int(row.get('updated_at') or row['ts'])
         except ValueError:
             raise Invalid(f'{where}: ts and updated_at must be whole numbers of milliseconds.') from None
-        unquote = lambda text: text[1:] if text[:1] == "'" and text[1:2] in tuple("=+-@\t\r'") else text  # see the export
         yield where, row['id'].strip(), {'ts': ts, 'updated_at': updated_at, 'type': unquote(row['type']),
                                          'value': unquote(row['value'])}
 
