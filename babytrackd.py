@@ -1117,15 +1117,17 @@ def survey_import(family, data, now):
 # Summaries ####################################################################
 ###############################################################################
 
+def wall_clock(date, clock, tz):
+    """Return the milliseconds of 'HH:MM' on `date` in zone `tz` (a time the clock skips reads as the old offset)."""
+    moment = dt.datetime.combine(date, dt.time(*map(int, clock.split(':'))), zoneinfo.ZoneInfo(tz))
+    return int(moment.timestamp() * 1000)
+
+
 def day_window(date, tz):
     """Return (start_ms, end_ms) of the local day `date` (a datetime.date) in zone `tz`."""
     if not 1900 <= date.year <= 9000:  # keeps the date arithmetic here and on the pages in range
         raise Invalid('date must be between the years 1900 and 9000')
-    zone = zoneinfo.ZoneInfo(tz)
-    start = dt.datetime(date.year, date.month, date.day, tzinfo=zone)
-    end = start.date() + dt.timedelta(days=1)
-    end = dt.datetime(end.year, end.month, end.day, tzinfo=zone)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+    return wall_clock(date, '00:00', tz), wall_clock(date + dt.timedelta(days=1), '00:00', tz)
 
 
 def local_time(ms, tz):
@@ -1173,11 +1175,7 @@ def spans_between(windows, apart=False):
 
 
 def state_spans(family_id, config, start, end, now):
-    """Return the stateful categories' spans clipped to [start, min(end, now)).
-
-    Each span: {category, label, start, end, since, counted}; `since` is when the state began,
-    before `start` for the one that carries in. A state lasts until the next entry of its category.
-    """
+    """Return spans_between's spans of the stateful categories in [start, min(end, now)), as dicts marked `counted`."""
     counted = counted_labels(config)
     return [{'category': category, 'label': label, 'start': begin, 'end': finish, 'since': since,
              'counted': label in counted[category]}
@@ -1187,23 +1185,16 @@ def state_spans(family_id, config, start, end, now):
 
 def day_summary(family, date, now=None):
     """Return the summary of one local day for a family (README "The consultant's pages")."""
-    now = now_ms() if now is None else now
-    tz = family['tz']
+    now, tz, config = now_ms() if now is None else now, family['tz'], get_config(family['id'])
     start, end = day_window(date, tz)
-    config = get_config(family['id'])
-    hours = [{'hour': local_time(slot, tz).hour, 'start': slot, 'events': []}
-             for slot in range(start, end, 3600 * 1000)]
-    categories = {group['category']: {'count': 0} for group in config}
-    wet = dirty = 0
-    for entry_id, ts, kind, value, updated_at, seq, by in db.execute("""
-            SELECT id, ts, type, value, updated_at, seq, by FROM entries
-            WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id""", (family['id'], start, end)):
-        entry = {'id': entry_id, 'ts': ts, 'type': kind, 'value': value, 'deleted': False, 'updated_at': updated_at,
-                 'seq': seq, 'by': by}
-        hours[(ts - start) // (3600 * 1000)]['events'].append(entry)
-        categories.setdefault(kind, {'count': 0})['count'] += 1
-        if kind == 'nappy':
-            wet, dirty = wet + ('wet' in value.lower()), dirty + ('dirty' in value.lower())
+    hours = [{'hour': local_time(slot, tz).hour, 'start': slot, 'events': []} for slot in range(start, end, 3600_000)]
+    categories, wet, dirty = {group['category']: {'count': 0} for group in config}, 0, 0
+    for entry in map(entry_dict, db.execute("""SELECT * FROM entries WHERE family_id = ? AND NOT deleted
+                                               AND ts >= ? AND ts < ? ORDER BY ts, id""", (family['id'], start, end))):
+        hours[(entry['ts'] - start) // 3600_000]['events'].append(entry)
+        categories.setdefault(entry['type'], {'count': 0})['count'] += 1
+        if entry['type'] == 'nappy':
+            wet, dirty = wet + ('wet' in entry['value'].lower()), dirty + ('dirty' in entry['value'].lower())
     spans = state_spans(family['id'], config, start, end, now)
     for category in counted_labels(config):
         categories[category]['minutes'] = round(sum(s['end'] - s['start'] for s in spans
@@ -1226,9 +1217,8 @@ def families_today(families, now):
     days = {f['id']: zones[f['tz']] for f in families}
     today = {family_id: {'states': [], 'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}}
              for family_id in days}
-    windows = [(family_id, category, start, now)
-               for family_id, (start, _) in days.items() for category in counted[family_id]]
-    spans = spans_between(windows, apart=True)
+    spans = spans_between([(family_id, category, start, now) for family_id, (start, _) in days.items()
+                           for category in counted[family_id]], apart=True)
     gevent.idle()
     for family_id, category, label, since, begin, finish in spans:
         if category == 'sleep' and label in counted[family_id][category]:
@@ -1249,7 +1239,7 @@ def families_today(families, now):
 
 
 def clock_minutes(ms, start, tz):
-    """Return where `ms` falls on the wall clock of the local day that began at `start`, in minutes (1440 at its end)."""
+    """Return the minute of the wall clock where `ms` falls on the local day that began at `start` (1440 at its end)."""
     offset = lambda t: local_time(t, tz).utcoffset().total_seconds() / 60
     return round((ms - start) / 60000 + offset(ms) - offset(start), 1)
 
@@ -1300,28 +1290,16 @@ def hm(minutes):
     return f'{minutes} min' if minutes < 60 else f'{minutes // 60} h' + (f' {minutes % 60} min' if minutes % 60 else '')
 
 
-def wall_clock(date, clock, tz):
-    """Return the milliseconds of 'HH:MM' on `date` in zone `tz` (a time the clock skips reads as the old offset)."""
-    hour, minute = map(int, clock.split(':'))
-    return int(dt.datetime(date.year, date.month, date.day, hour, minute, tzinfo=zoneinfo.ZoneInfo(tz)).timestamp() * 1000)
-
-
 def night_bounds(family, date):
-    """Return (day start, night start, night end) of `date`: its day is [day start, night start), its night follows."""
+    """Return (day start, night start, night end) of `date`: its day is [day start, night start), then its night."""
     tz, following = family['tz'], date + dt.timedelta(days=1)
-    start_date = date if family['night_start'] > family['night_end'] else following  # a night that starts after midnight
+    start_date = following if family['night_start'] <= family['night_end'] else date  # it starts after midnight
     return (wall_clock(date, family['night_end'], tz), wall_clock(start_date, family['night_start'], tz),
             wall_clock(following, family['night_end'], tz))
 
 
-def asleep_labels(config):
-    """Return the labels of the stateful sleep group's buttons that count as asleep."""
-    group = next((g for g in config if g['category'] == 'sleep' and g.get('stateful')), {'buttons': []})
-    return [b['label'] for b in group['buttons'] if b.get('counted')]
-
-
 def night_report(family, days=14, end=None, now=None):
-    """Return the family's days and nights up to `end`, oldest first (README "The sleep program"): one query for the range."""
+    """Return the family's days and nights up to `end`, oldest first (README "The sleep program"), from one query."""
     now, tz, hour = now_ms() if now is None else now, family['tz'], 3600 * 1000
     if end is None:
         end = local_today(tz, now)
@@ -1331,7 +1309,7 @@ def night_report(family, days=14, end=None, now=None):
     dates = [end - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
     bounds = [night_bounds(family, date) for date in dates]
     start, stop = min(bounds[0][0], bounds[0][1] - 3 * hour), bounds[-1][2] + 3 * hour
-    counted, runs = set(asleep_labels(get_config(family['id']))), []  # runs: [since, end, asleep, closed]
+    counted, runs = counted_labels(get_config(family['id'])).get('sleep', set()), []  # [since, end, asleep, closed]
     for ts, value, until in db.execute("""
             SELECT ts, value, LEAD(ts) OVER (ORDER BY ts, id) FROM entries
             WHERE family_id = ? AND type = 'sleep' AND NOT deleted AND ts < ?
@@ -1346,33 +1324,31 @@ def night_report(family, days=14, end=None, now=None):
         elif span[1] > ts:
             runs.append(span)
     starts, plan, report = [run[0] for run in runs], get_plan(family['id']), []
+    bed_days = bool(plan) and plan['bedtime'] <= family['night_end']  # a bedtime after midnight: the next date's
+    off_plan = lambda ms, date, clock: round((ms - wall_clock(date, plan[clock], tz)) / 60000) if plan and ms else None
     for date, (day_start, night_start, night_end) in zip(dates, bounds):
-        near = range(max(0, bisect.bisect_right(starts, day_start) - 1), bisect.bisect_left(starts, night_end + 3 * hour))
+        near = range(max(0, bisect.bisect_right(starts, day_start) - 1),
+                     bisect.bisect_left(starts, night_end + 3 * hour))
         slept = [i for i in near if runs[i][2] and runs[i][0] < night_end and runs[i][1] > night_start]
         bed = next((i for i in slept if runs[i][0] >= night_start - 3 * hour), None)
+        bedtime = runs[bed][0] if bed is not None else None
         night = [min(runs[i][1], night_end) - max(runs[i][0], night_start) for i in slept]
         last = runs[slept[-1]] if slept else None
         morning = last[1] if last and last[3] and last[1] <= night_end + 3 * hour else None
         wakings = [runs[i][1] - runs[i][0] for i in near if i and not runs[i][2] and runs[i][3]  # runs alternate: an
                    and night_start < runs[i][0] and runs[i][1] < night_end]  # awake one has a sleep on each side
         naps = [i for i in near if runs[i][2] and day_start <= runs[i][0] < night_start and i != bed]
-        awake_before = [runs[i - 1][1] - runs[i - 1][0] for i in naps + [bed] if i]
-        diff = {'bedtime_minutes': None, 'wake_minutes': None}
-        if plan and bed is not None:
-            bed_date = date + dt.timedelta(days=plan['bedtime'] <= family['night_end'])  # a bedtime after midnight
-            diff['bedtime_minutes'] = round((runs[bed][0] - wall_clock(bed_date, plan['bedtime'], tz)) / 60000)
-        if plan and morning:
-            diff['wake_minutes'] = round((morning - wall_clock(date + dt.timedelta(days=1), plan['wake'], tz)) / 60000)
         report.append({
             'date': date.isoformat(),
             'day': {'start': day_start, 'end': night_start, 'naps': len(naps),
                     'nap_minutes': round(sum(min(runs[i][1], night_start) - runs[i][0] for i in naps) / 60000),
-                    'wake_windows': [round(ms / 60000) for ms in awake_before]},
-            'night': {'start': night_start, 'end': night_end, 'bedtime': runs[bed][0] if bed is not None else None,
-                      'morning_wake': morning, 'sleep_minutes': round(sum(night) / 60000), 'wakings': len(wakings),
-                      'awake_minutes': round(sum(wakings) / 60000), 'longest_stretch_minutes': round(max(night, default=0) / 60000),
-                      'complete': night_end <= now},
-            'plan_diff': diff})
+                    'wake_windows': [round((runs[i - 1][1] - runs[i - 1][0]) / 60000) for i in naps + [bed] if i]},
+            'night': {'start': night_start, 'end': night_end, 'bedtime': bedtime, 'morning_wake': morning,
+                      'sleep_minutes': round(sum(night) / 60000), 'wakings': len(wakings),
+                      'awake_minutes': round(sum(wakings) / 60000),
+                      'longest_stretch_minutes': round(max(night, default=0) / 60000), 'complete': night_end <= now},
+            'plan_diff': {'bedtime_minutes': off_plan(bedtime, date + dt.timedelta(days=bed_days), 'bedtime'),
+                          'wake_minutes': off_plan(morning, date + dt.timedelta(days=1), 'wake')}})
     return {'days': report}
 
 
@@ -1409,9 +1385,9 @@ def family_flags(families, now):
     found = read_apart("""
         WITH windows AS MATERIALIZED (  -- each family's last complete night, and its counted sleep labels
           SELECT w.value ->> 0 AS family_id, w.value ->> 1 AS start, w.value ->> 2 AS stop,
-                 CASE WHEN c.data IS NULL THEN :default_counted ELSE (
-                   SELECT json_group_array(b.value ->> 'label') FROM json_each(c.data) g, json_each(g.value, '$.buttons') b
-                   WHERE g.value ->> 'category' = 'sleep' AND g.value ->> 'stateful' AND b.value ->> 'counted') END AS counted
+                 CASE WHEN c.data IS NULL THEN :default_counted ELSE (SELECT json_group_array(b.value ->> 'label')
+                   FROM json_each(c.data) g, json_each(g.value, '$.buttons') b WHERE g.value ->> 'category' = 'sleep'
+                     AND g.value ->> 'stateful' AND b.value ->> 'counted') END AS counted
           FROM json_each(:windows) w LEFT JOIN configs c ON c.family_id = w.value ->> 0),
         turns AS (  -- its sleep entries, and the one carried in (none: one row of NULLs), each with the next one's time
           SELECT w.family_id, w.counted, w.start, e.ts, e.value IN (SELECT value FROM json_each(w.counted)) AS asleep,
@@ -1439,7 +1415,8 @@ def family_flags(families, now):
            FROM entries e WHERE e.family_id = n.family_id AND e.type = 'sleep' AND NOT e.deleted AND e.ts <= :now
            ORDER BY e.ts DESC LIMIT 1) AS state
         FROM nights n JOIN families f ON f.id = n.family_id LEFT JOIN expiring x ON x.family_id = n.family_id""",
-        {'windows': json.dumps(windows), 'now': now, 'default_counted': json.dumps(asleep_labels(DEFAULT_CONFIG))})
+        {'windows': json.dumps(windows), 'now': now,
+         'default_counted': json.dumps(sorted(counted_labels(DEFAULT_CONFIG)['sleep']))})
     flags = {}
     for row in found:
         family, said = active[row['family_id']], []
@@ -1447,11 +1424,9 @@ def family_flags(families, now):
             hours = (now - row['last_entry']) // 3600000 if row['last_entry'] else None
             said.append(('quiet', 'No entries yet' if hours is None else f'No entries for {hours} h' if hours < 48
                          else f'No entries for {hours // 24} days'))
-        plan = json.loads(row['plan']) if row['plan'] else None
-        minutes = round((row['asleep_ms'] or 0) / 60000)
-        planned = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 if plan else None
-        short = minutes <= planned - 60 if plan else minutes < 600
-        if minutes and short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
+        plan, minutes = json.loads(row['plan'] or 'null'), round((row['asleep_ms'] or 0) / 60000)
+        short = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 - 60 if plan else 599  # or less
+        if 0 < minutes <= short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
             said.append(('short_night', f'Short night: {hm(minutes)}'))
         if (row['wakings'] or 0) >= 3:
             said.append(('many_wakings', f"{row['wakings']} wakings last night"))
@@ -1461,8 +1436,9 @@ def family_flags(families, now):
             said.append(('link_expiring', f"Link for {row['label']} expires {day}" if row['label']
                          else f'An unlabelled link expires {day}'))
         since, asleep = json.loads(row['state']) if row['state'] else (now, 0)
-        if now - since >= 14 * 3600000:
-            said.append(('state_stuck', f"{'Asleep' if asleep else 'Awake'} for {(now - since) // 3600000} h — a forgotten tap?"))
+        hours = (now - since) // 3600000
+        if hours >= 14:
+            said.append(('state_stuck', f"{'Asleep' if asleep else 'Awake'} for {hours} h — a forgotten tap?"))
         flags[row['family_id']] = said
     return flags
 
