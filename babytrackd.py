@@ -890,11 +890,9 @@ def trim_changes(family_id, seq):
 
 
 def apply_entry(family_id, action, message, by, now=None, room=False):
-    """Apply one client write under the sync rules; return (outcome, action, entry).
-
+    """Apply one client write under the sync rules; return (outcome, action, entry), or raise Invalid to refuse it.
     outcome is 'accepted' (broadcast to the family), 'repeat' or 'stale' (answer the sender alone).
-    Raises Invalid for a message that must be refused. room: the family's room was checked already (an import's).
-    """
+    room: the family's room was checked already (an import's)."""
     now = now_ms() if now is None else now
     if action == 'delete':
         fields = validate_entry_fields({'id': message.get('id'), 'updated_at': message.get('updated_at')}, now, False)
@@ -1070,9 +1068,9 @@ def csv_rows(text, columns):
 def import_entries(family, source, now, skipped):
     """Yield an import file's entries, validated; count skipped rows by kind; Invalid names the line."""
     # Holds a CSV file as its text, read twice (check, then store), rather than as ~800,000 entries.
-    header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', source.lstrip())[0].split(',')} \
-        if isinstance(source, str) else set()
-    rows = huckleberry_rows(source, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(source)
+    first = re.match(r'[^\r\n]*', source.lstrip())[0] if isinstance(source, str) else ''
+    huckleberry = HUCKLEBERRY_COLUMNS <= {name.strip().strip('"') for name in first.split(',')}
+    rows = huckleberry_rows(source, family) if huckleberry else export_rows(source)
     for where, source_id, made in rows:
         take_turn()
         if isinstance(made, str):
