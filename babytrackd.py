@@ -882,7 +882,7 @@ def trim_changes(family_id, seq):
         dropped = [row[0] for row in db.execute("""
             DELETE FROM changes WHERE seq IN (SELECT seq FROM changes c WHERE family_id = ? AND seq > ?
               AND NOT EXISTS (SELECT 1 FROM entries WHERE seq = c.seq) ORDER BY seq LIMIT ?) RETURNING seq""",
-                                                (family_id, start, want))]
+            (family_id, start, want))]
         count, low = count - len(dropped), max(dropped, default=low)
         if len(dropped) == want:
             break
