@@ -1424,7 +1424,7 @@ def family_flags(families, now):
                          else f'No entries for {hours // 24} days'))
         plan, minutes = json.loads(row['plan'] or 'null'), round((row['asleep_ms'] or 0) / 60000)
         short = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 - 60 if plan else 599  # or less
-        if 0 < minutes <= short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
+        if minutes and minutes <= short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
             said.append(('short_night', f'Short night: {hm(minutes)}'))
         if (row['wakings'] or 0) >= 3:
             said.append(('many_wakings', f"{row['wakings']} wakings last night"))
