@@ -768,15 +768,13 @@ def validate_entry_fields(entry, now, need_all):
     """Return the valid wire fields of an entry message (id, ts, type, value, deleted, updated_at)."""
     if not isinstance(entry, dict):
         raise Invalid('entry must be an object')
-    entry_id = entry.get('id')
-    if not isinstance(entry_id, str) or not ID_PATTERN.fullmatch(entry_id):
+    if not isinstance(entry.get('id'), str) or not ID_PATTERN.fullmatch(entry['id']):
         raise Invalid('entry id must be 1-64 characters of A-Z a-z 0-9 _ -')
-    fields = {'id': entry_id}
+    fields = {'id': entry['id']}
     if 'ts' in entry:
-        ts = check_int(entry['ts'], 'ts')
-        if not MIN_TS <= ts <= now + DAY_MS:
+        fields['ts'] = check_int(entry['ts'], 'ts')
+        if not MIN_TS <= fields['ts'] <= now + DAY_MS:
             raise Invalid('ts must be between 2000-01-01 and one day from now')
-        fields['ts'] = ts
     if 'type' in entry:
         fields['type'] = check_text(entry['type'], 'type', 1, 64)
     if 'value' in entry:
@@ -784,13 +782,12 @@ def validate_entry_fields(entry, now, need_all):
     if 'deleted' in entry:
         fields['deleted'] = check_bool(entry['deleted'], 'deleted')
     if entry.get('updated_at') is not None:
-        if check_int(entry['updated_at'], 'updated_at') < 0:
+        fields['updated_at'] = check_int(entry['updated_at'], 'updated_at')
+        if fields['updated_at'] < 0:
             raise Invalid('updated_at must not be negative')
-        fields['updated_at'] = entry['updated_at']
-    if need_all:
-        missing = [name for name in ('ts', 'type', 'value') if name not in fields]
-        if missing:
-            raise Invalid(f'entry needs {", ".join(missing)}')
+    missing = [name for name in ('ts', 'type', 'value') if need_all and name not in fields]
+    if missing:
+        raise Invalid(f'entry needs {", ".join(missing)}')
     return fields
 
 
@@ -810,8 +807,8 @@ entry_counts = {}  # family id -> (entries, the family's highest seq then): coun
 
 
 def check_family_room(family_id, seq, new, room=False):
-    """Refuse a new entry beyond FAMILY_MAX_ENTRIES (unless an import checked its `room`); `seq` is the one it will take.
-    The count is kept while the family's highest seq is one we gave it; after any other writer, the next new entry recounts."""
+    """Refuse a new entry past FAMILY_MAX_ENTRIES unless an import checked its `room`; `seq` is the one it takes.
+    Its count is kept while the family's highest seq is one we gave; after any other writer, a new entry recounts."""
     top = db.execute('SELECT MAX(seq) FROM entries WHERE family_id = ?', (family_id,)).fetchone()[0]
     count, seen = entry_counts.get(family_id, (None, None))
     if count is None or seen != top:
@@ -827,8 +824,8 @@ change_counts = {}  # family id -> (change-log rows, its highest seq then, where
 
 
 def trim_changes(family_id, seq):
-    """Keep a family's change log within 2 x FAMILY_MAX_ENTRIES rows before row `seq` joins it: past that, drop
-    its oldest versions that no entry holds now, a hundredth of the bound at a time so the next writes drop none."""
+    """Keep a family's change log within 2 x FAMILY_MAX_ENTRIES rows before row `seq` joins it: past that, drop its
+    oldest versions that no entry holds now, a hundredth of the bound at a time so the next writes drop none."""
     top = db.execute('SELECT MAX(seq) FROM changes WHERE family_id = ?', (family_id,)).fetchone()[0]
     count, seen, low = change_counts.get(family_id, (None, None, 0))
     if count is None or seen != top:
@@ -838,10 +835,10 @@ def trim_changes(family_id, seq):
     # below that was superseded since
     for start in (low, 0) if count >= 2 * FAMILY_MAX_ENTRIES else ():
         want = count + 1 - 2 * FAMILY_MAX_ENTRIES + FAMILY_MAX_ENTRIES // 50
-        dropped = [row[0] for row in db.execute("""DELETE FROM changes WHERE seq IN (
-                     SELECT seq FROM changes c WHERE family_id = ? AND seq > ? AND NOT EXISTS
-                       (SELECT 1 FROM entries WHERE seq = c.seq) ORDER BY seq LIMIT ?) RETURNING seq""",
-                                                   (family_id, start, want))]
+        dropped = [row[0] for row in db.execute("""
+            DELETE FROM changes WHERE seq IN (SELECT seq FROM changes c WHERE family_id = ? AND seq > ?
+              AND NOT EXISTS (SELECT 1 FROM entries WHERE seq = c.seq) ORDER BY seq LIMIT ?) RETURNING seq""",
+            (family_id, start, want))]
         count, low = count - len(dropped), max(dropped, default=low)
         if len(dropped) == want:
             break
@@ -849,11 +846,9 @@ def trim_changes(family_id, seq):
 
 
 def apply_entry(family_id, action, message, by, now=None, room=False):
-    """Apply one client write under the sync rules; return (outcome, action, entry).
-
+    """Apply one client write under the sync rules; return (outcome, action, entry), or raise Invalid to refuse it.
     outcome is 'accepted' (broadcast to the family), 'repeat' or 'stale' (answer the sender alone).
-    Raises Invalid for a message that must be refused. room: the family's room was checked already (an import's).
-    """
+    room: the family's room was checked already (an import's)."""
     now = now_ms() if now is None else now
     if action == 'delete':
         fields = validate_entry_fields({'id': message.get('id'), 'updated_at': message.get('updated_at')}, now, False)
@@ -869,11 +864,11 @@ def apply_entry(family_id, action, message, by, now=None, room=False):
         stored = one('SELECT * FROM entries WHERE id = ?', fields['id'])
         if stored and stored['family_id'] != family_id:
             raise Invalid('entry id is already in use')
+        if stored is None and not {'ts', 'type', 'value'} <= fields.keys():
+            raise Invalid('no such entry')
         stored = entry_dict(stored) if stored else None
         old = {name: stored[name] for name in ENTRY_FIELDS} if stored else {'deleted': False}
         new = {**old, **{name: fields[name] for name in ENTRY_FIELDS if name in fields}}
-        if len(new) < len(ENTRY_FIELDS):
-            raise Invalid('no such entry')
         if stored and new == old:
             return 'repeat', action, stored
         new['updated_at'] = updated_at
@@ -881,20 +876,17 @@ def apply_entry(family_id, action, message, by, now=None, room=False):
             return 'stale', 'update', stored
         seq = db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM entries').fetchone()[0]
         check_family_room(family_id, seq, new=stored is None, room=room)
-        db.execute("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
-                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                      ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, type = excluded.type, value = excluded.value,
-                        deleted = excluded.deleted, updated_at = excluded.updated_at, seq = excluded.seq, by = excluded.by""",
-                   (fields['id'], family_id, new['ts'], new['type'], new['value'], int(new['deleted']),
-                    new['updated_at'], seq, by))
+        row = (seq, fields['id'], family_id, *(new[name] for name in ENTRY_FIELDS), new['updated_at'], by)
+        db.execute("""INSERT INTO entries (seq, id, family_id, ts, type, value, deleted, updated_at, by)
+                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ts = excluded.ts,
+                        type = excluded.type, value = excluded.value, deleted = excluded.deleted,
+                        updated_at = excluded.updated_at, seq = excluded.seq, by = excluded.by""", row)
         # the change log, in the same transaction; an entry's seq only grows, so its rows' seqs are unique too
         trim_changes(family_id, seq)
         db.execute("""INSERT INTO changes (seq, entry_id, family_id, ts, type, value, deleted, updated_at, by, at)
-                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", (seq, fields['id'], family_id, new['ts'], new['type'],
-                                                                new['value'], int(new['deleted']), new['updated_at'], by, now))
-    entry = {'id': fields['id'], **new, 'seq': seq, 'by': by}
+                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", (*row, now))
     kind = 'add' if stored is None else 'delete' if new['deleted'] else 'update'
-    return 'accepted', kind, entry
+    return 'accepted', kind, {'id': fields['id'], **new, 'seq': seq, 'by': by}
 
 
 def restore_entry(family_id, entry_id, seq, by, now=None):
@@ -904,10 +896,10 @@ def restore_entry(family_id, entry_id, seq, by, now=None):
     if version is None:
         return None
     now = now_ms() if now is None else now
-    current = one('SELECT updated_at FROM entries WHERE id = ?', entry_id)
+    current = one('SELECT updated_at FROM entries WHERE id = ?', entry_id)['updated_at']
     # now, or just after the current version when a device's clock ran ahead of ours: a restore always wins
     entry = {'id': entry_id, 'ts': version['ts'], 'type': version['type'], 'value': version['value'],
-             'deleted': bool(version['deleted']), 'updated_at': max(now, current['updated_at'] + 1)}
+             'deleted': bool(version['deleted']), 'updated_at': max(now, current + 1)}
     return apply_entry(family_id, 'update', {'entry': entry}, by, now)
 
 
@@ -932,7 +924,7 @@ def import_id(family_id, *source):
 
 
 def local_ms(text, tz, name, fold=0):
-    """Return the milliseconds of a local 'YYYY-MM-DD HH:MM[:SS]' in zone tz (a time that happens twice: fold 0 the first)."""
+    """Return the milliseconds of local 'YYYY-MM-DD HH:MM[:SS]' in zone tz (a time that happens twice: fold 0 first)."""
     try:
         moment = dt.datetime.fromisoformat(text.strip())
     except ValueError:
@@ -957,7 +949,7 @@ def huckleberry_entries(row, tz):
         if 'bottle' in row['Start Location'].lower():
             return [(start, 'feed', 'bottle')]
         found, at = [], start
-        for hours, minutes, side in BREAST_SIDES.findall(conditions):  # each side in the order listed, one after the other
+        for hours, minutes, side in BREAST_SIDES.findall(conditions):  # each side in turn, as listed
             if int(hours) or int(minutes):
                 found.append((at, 'feed', 'breast left' if side.upper() == 'L' else 'breast right'))
                 at += (int(hours) * 60 + int(minutes)) * 60000
@@ -1003,12 +995,12 @@ def export_rows(source):
             fields = {name: item.get(name) for name in ('ts', 'type', 'value', 'updated_at')}
             yield f'Entry {number}', item.get('id', ''), 'deleted' if item.get('deleted') else fields
         return
+    unquote = lambda text: text[1:] if text[:1] == "'" and text[1:2] in tuple("=+-@\t\r'") else text  # see the export
     for where, row in csv_rows(source, {'id', 'ts', 'type', 'value'}):
         try:
             ts, updated_at = int(row['ts']), int(row.get('updated_at') or row['ts'])
         except ValueError:
             raise Invalid(f'{where}: ts and updated_at must be whole numbers of milliseconds.') from None
-        unquote = lambda text: text[1:] if text[:1] == "'" and text[1:2] in tuple("=+-@\t\r'") else text  # see the export
         yield where, row['id'].strip(), {'ts': ts, 'updated_at': updated_at, 'type': unquote(row['type']),
                                          'value': unquote(row['value'])}
 
@@ -1032,9 +1024,9 @@ def csv_rows(text, columns):
 def import_entries(family, source, now, skipped):
     """Yield an import file's entries, validated; count skipped rows by kind; Invalid names the line."""
     # Holds a CSV file as its text, read twice (check, then store), rather than as ~800,000 entries.
-    header = {name.strip().strip('"') for name in re.match(r'[^\r\n]*', source.lstrip())[0].split(',')} \
-        if isinstance(source, str) else set()
-    rows = huckleberry_rows(source, family) if HUCKLEBERRY_COLUMNS <= header else export_rows(source)
+    first = re.match(r'[^\r\n]*', source.lstrip())[0] if isinstance(source, str) else ''
+    huckleberry = HUCKLEBERRY_COLUMNS <= {name.strip().strip('"') for name in first.split(',')}
+    rows = huckleberry_rows(source, family) if huckleberry else export_rows(source)
     for where, source_id, made in rows:
         take_turn()
         if isinstance(made, str):
@@ -1079,15 +1071,17 @@ def survey_import(family, data, now):
 # Summaries ####################################################################
 ###############################################################################
 
+def wall_clock(date, clock, tz):
+    """Return the milliseconds of 'HH:MM' on `date` in zone `tz` (a time the clock skips reads as the old offset)."""
+    moment = dt.datetime.combine(date, dt.time(*map(int, clock.split(':'))), zoneinfo.ZoneInfo(tz))
+    return int(moment.timestamp() * 1000)
+
+
 def day_window(date, tz):
     """Return (start_ms, end_ms) of the local day `date` (a datetime.date) in zone `tz`."""
     if not 1900 <= date.year <= 9000:  # keeps the date arithmetic here and on the pages in range
         raise Invalid('date must be between the years 1900 and 9000')
-    zone = zoneinfo.ZoneInfo(tz)
-    start = dt.datetime(date.year, date.month, date.day, tzinfo=zone)
-    end = start.date() + dt.timedelta(days=1)
-    end = dt.datetime(end.year, end.month, end.day, tzinfo=zone)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+    return wall_clock(date, '00:00', tz), wall_clock(date + dt.timedelta(days=1), '00:00', tz)
 
 
 def local_time(ms, tz):
@@ -1135,11 +1129,7 @@ def spans_between(windows, apart=False):
 
 
 def state_spans(family_id, config, start, end, now):
-    """Return the stateful categories' spans clipped to [start, min(end, now)).
-
-    Each span: {category, label, start, end, since, counted}; `since` is when the state began,
-    before `start` for the one that carries in. A state lasts until the next entry of its category.
-    """
+    """Return spans_between's spans of the stateful categories in [start, min(end, now)), as dicts marked `counted`."""
     counted = counted_labels(config)
     return [{'category': category, 'label': label, 'start': begin, 'end': finish, 'since': since,
              'counted': label in counted[category]}
@@ -1149,23 +1139,16 @@ def state_spans(family_id, config, start, end, now):
 
 def day_summary(family, date, now=None):
     """Return the summary of one local day for a family (README "The consultant's pages")."""
-    now = now_ms() if now is None else now
-    tz = family['tz']
+    now, tz, config = now_ms() if now is None else now, family['tz'], get_config(family['id'])
     start, end = day_window(date, tz)
-    config = get_config(family['id'])
-    hours = [{'hour': local_time(slot, tz).hour, 'start': slot, 'events': []}
-             for slot in range(start, end, 3600 * 1000)]
-    categories = {group['category']: {'count': 0} for group in config}
-    wet = dirty = 0
-    for entry_id, ts, kind, value, updated_at, seq, by in db.execute("""
-            SELECT id, ts, type, value, updated_at, seq, by FROM entries
-            WHERE family_id = ? AND NOT deleted AND ts >= ? AND ts < ? ORDER BY ts, id""", (family['id'], start, end)):
-        entry = {'id': entry_id, 'ts': ts, 'type': kind, 'value': value, 'deleted': False, 'updated_at': updated_at,
-                 'seq': seq, 'by': by}
-        hours[(ts - start) // (3600 * 1000)]['events'].append(entry)
-        categories.setdefault(kind, {'count': 0})['count'] += 1
-        if kind == 'nappy':
-            wet, dirty = wet + ('wet' in value.lower()), dirty + ('dirty' in value.lower())
+    hours = [{'hour': local_time(slot, tz).hour, 'start': slot, 'events': []} for slot in range(start, end, 3600_000)]
+    categories, wet, dirty = {group['category']: {'count': 0} for group in config}, 0, 0
+    for entry in map(entry_dict, db.execute("""SELECT * FROM entries WHERE family_id = ? AND NOT deleted
+                                               AND ts >= ? AND ts < ? ORDER BY ts, id""", (family['id'], start, end))):
+        hours[(entry['ts'] - start) // 3600_000]['events'].append(entry)
+        categories.setdefault(entry['type'], {'count': 0})['count'] += 1
+        if entry['type'] == 'nappy':
+            wet, dirty = wet + ('wet' in entry['value'].lower()), dirty + ('dirty' in entry['value'].lower())
     spans = state_spans(family['id'], config, start, end, now)
     for category in counted_labels(config):
         categories[category]['minutes'] = round(sum(s['end'] - s['start'] for s in spans
@@ -1188,9 +1171,8 @@ def families_today(families, now):
     days = {f['id']: zones[f['tz']] for f in families}
     today = {family_id: {'states': [], 'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}}
              for family_id in days}
-    windows = [(family_id, category, start, now)
-               for family_id, (start, _) in days.items() for category in counted[family_id]]
-    spans = spans_between(windows, apart=True)
+    spans = spans_between([(family_id, category, start, now) for family_id, (start, _) in days.items()
+                           for category in counted[family_id]], apart=True)
     gevent.idle()
     for family_id, category, label, since, begin, finish in spans:
         if category == 'sleep' and label in counted[family_id][category]:
@@ -1211,7 +1193,7 @@ def families_today(families, now):
 
 
 def clock_minutes(ms, start, tz):
-    """Return where `ms` falls on the wall clock of the local day that began at `start`, in minutes (1440 at its end)."""
+    """Return the minute of the wall clock where `ms` falls on the local day that began at `start` (1440 at its end)."""
     offset = lambda t: local_time(t, tz).utcoffset().total_seconds() / 60
     return round((ms - start) / 60000 + offset(ms) - offset(start), 1)
 
@@ -1262,28 +1244,16 @@ def hm(minutes):
     return f'{minutes} min' if minutes < 60 else f'{minutes // 60} h' + (f' {minutes % 60} min' if minutes % 60 else '')
 
 
-def wall_clock(date, clock, tz):
-    """Return the milliseconds of 'HH:MM' on `date` in zone `tz` (a time the clock skips reads as the old offset)."""
-    hour, minute = map(int, clock.split(':'))
-    return int(dt.datetime(date.year, date.month, date.day, hour, minute, tzinfo=zoneinfo.ZoneInfo(tz)).timestamp() * 1000)
-
-
 def night_bounds(family, date):
-    """Return (day start, night start, night end) of `date`: its day is [day start, night start), its night follows."""
+    """Return (day start, night start, night end) of `date`: its day is [day start, night start), then its night."""
     tz, following = family['tz'], date + dt.timedelta(days=1)
-    start_date = date if family['night_start'] > family['night_end'] else following  # a night that starts after midnight
+    start_date = following if family['night_start'] <= family['night_end'] else date  # it starts after midnight
     return (wall_clock(date, family['night_end'], tz), wall_clock(start_date, family['night_start'], tz),
             wall_clock(following, family['night_end'], tz))
 
 
-def asleep_labels(config):
-    """Return the labels of the stateful sleep group's buttons that count as asleep."""
-    group = next((g for g in config if g['category'] == 'sleep' and g.get('stateful')), {'buttons': []})
-    return [b['label'] for b in group['buttons'] if b.get('counted')]
-
-
 def night_report(family, days=14, end=None, now=None):
-    """Return the family's days and nights up to `end`, oldest first (README "The sleep program"): one query for the range."""
+    """Return the family's days and nights up to `end`, oldest first (README "The sleep program"), from one query."""
     now, tz, hour = now_ms() if now is None else now, family['tz'], 3600 * 1000
     if end is None:
         end = local_today(tz, now)
@@ -1293,7 +1263,7 @@ def night_report(family, days=14, end=None, now=None):
     dates = [end - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
     bounds = [night_bounds(family, date) for date in dates]
     start, stop = min(bounds[0][0], bounds[0][1] - 3 * hour), bounds[-1][2] + 3 * hour
-    counted, runs = set(asleep_labels(get_config(family['id']))), []  # runs: [since, end, asleep, closed]
+    counted, runs = counted_labels(get_config(family['id'])).get('sleep', set()), []  # [since, end, asleep, closed]
     for ts, value, until in db.execute("""
             SELECT ts, value, LEAD(ts) OVER (ORDER BY ts, id) FROM entries
             WHERE family_id = ? AND type = 'sleep' AND NOT deleted AND ts < ?
@@ -1308,33 +1278,31 @@ def night_report(family, days=14, end=None, now=None):
         elif span[1] > ts:
             runs.append(span)
     starts, plan, report = [run[0] for run in runs], get_plan(family['id']), []
+    bed_days = bool(plan) and plan['bedtime'] <= family['night_end']  # a bedtime after midnight: the next date's
+    off_plan = lambda ms, date, clock: round((ms - wall_clock(date, plan[clock], tz)) / 60000) if plan and ms else None
     for date, (day_start, night_start, night_end) in zip(dates, bounds):
-        near = range(max(0, bisect.bisect_right(starts, day_start) - 1), bisect.bisect_left(starts, night_end + 3 * hour))
+        near = range(max(0, bisect.bisect_right(starts, day_start) - 1),
+                     bisect.bisect_left(starts, night_end + 3 * hour))
         slept = [i for i in near if runs[i][2] and runs[i][0] < night_end and runs[i][1] > night_start]
         bed = next((i for i in slept if runs[i][0] >= night_start - 3 * hour), None)
+        bedtime = runs[bed][0] if bed is not None else None
         night = [min(runs[i][1], night_end) - max(runs[i][0], night_start) for i in slept]
         last = runs[slept[-1]] if slept else None
         morning = last[1] if last and last[3] and last[1] <= night_end + 3 * hour else None
         wakings = [runs[i][1] - runs[i][0] for i in near if i and not runs[i][2] and runs[i][3]  # runs alternate: an
                    and night_start < runs[i][0] and runs[i][1] < night_end]  # awake one has a sleep on each side
         naps = [i for i in near if runs[i][2] and day_start <= runs[i][0] < night_start and i != bed]
-        awake_before = [runs[i - 1][1] - runs[i - 1][0] for i in naps + [bed] if i]
-        diff = {'bedtime_minutes': None, 'wake_minutes': None}
-        if plan and bed is not None:
-            bed_date = date + dt.timedelta(days=plan['bedtime'] <= family['night_end'])  # a bedtime after midnight
-            diff['bedtime_minutes'] = round((runs[bed][0] - wall_clock(bed_date, plan['bedtime'], tz)) / 60000)
-        if plan and morning:
-            diff['wake_minutes'] = round((morning - wall_clock(date + dt.timedelta(days=1), plan['wake'], tz)) / 60000)
         report.append({
             'date': date.isoformat(),
             'day': {'start': day_start, 'end': night_start, 'naps': len(naps),
                     'nap_minutes': round(sum(min(runs[i][1], night_start) - runs[i][0] for i in naps) / 60000),
-                    'wake_windows': [round(ms / 60000) for ms in awake_before]},
-            'night': {'start': night_start, 'end': night_end, 'bedtime': runs[bed][0] if bed is not None else None,
-                      'morning_wake': morning, 'sleep_minutes': round(sum(night) / 60000), 'wakings': len(wakings),
-                      'awake_minutes': round(sum(wakings) / 60000), 'longest_stretch_minutes': round(max(night, default=0) / 60000),
-                      'complete': night_end <= now},
-            'plan_diff': diff})
+                    'wake_windows': [round((runs[i - 1][1] - runs[i - 1][0]) / 60000) for i in naps + [bed] if i]},
+            'night': {'start': night_start, 'end': night_end, 'bedtime': bedtime, 'morning_wake': morning,
+                      'sleep_minutes': round(sum(night) / 60000), 'wakings': len(wakings),
+                      'awake_minutes': round(sum(wakings) / 60000),
+                      'longest_stretch_minutes': round(max(night, default=0) / 60000), 'complete': night_end <= now},
+            'plan_diff': {'bedtime_minutes': off_plan(bedtime, date + dt.timedelta(days=bed_days), 'bedtime'),
+                          'wake_minutes': off_plan(morning, date + dt.timedelta(days=1), 'wake')}})
     return {'days': report}
 
 
@@ -1371,9 +1339,9 @@ def family_flags(families, now):
     found = read_apart("""
         WITH windows AS MATERIALIZED (  -- each family's last complete night, and its counted sleep labels
           SELECT w.value ->> 0 AS family_id, w.value ->> 1 AS start, w.value ->> 2 AS stop,
-                 CASE WHEN c.data IS NULL THEN :default_counted ELSE (
-                   SELECT json_group_array(b.value ->> 'label') FROM json_each(c.data) g, json_each(g.value, '$.buttons') b
-                   WHERE g.value ->> 'category' = 'sleep' AND g.value ->> 'stateful' AND b.value ->> 'counted') END AS counted
+                 CASE WHEN c.data IS NULL THEN :default_counted ELSE (SELECT json_group_array(b.value ->> 'label')
+                   FROM json_each(c.data) g, json_each(g.value, '$.buttons') b WHERE g.value ->> 'category' = 'sleep'
+                     AND g.value ->> 'stateful' AND b.value ->> 'counted') END AS counted
           FROM json_each(:windows) w LEFT JOIN configs c ON c.family_id = w.value ->> 0),
         turns AS (  -- its sleep entries, and the one carried in (none: one row of NULLs), each with the next one's time
           SELECT w.family_id, w.counted, w.start, e.ts, e.value IN (SELECT value FROM json_each(w.counted)) AS asleep,
@@ -1401,7 +1369,8 @@ def family_flags(families, now):
            FROM entries e WHERE e.family_id = n.family_id AND e.type = 'sleep' AND NOT e.deleted AND e.ts <= :now
            ORDER BY e.ts DESC LIMIT 1) AS state
         FROM nights n JOIN families f ON f.id = n.family_id LEFT JOIN expiring x ON x.family_id = n.family_id""",
-        {'windows': json.dumps(windows), 'now': now, 'default_counted': json.dumps(asleep_labels(DEFAULT_CONFIG))})
+        {'windows': json.dumps(windows), 'now': now,
+         'default_counted': json.dumps(sorted(counted_labels(DEFAULT_CONFIG)['sleep']))})
     flags = {}
     for row in found:
         family, said = active[row['family_id']], []
@@ -1409,11 +1378,9 @@ def family_flags(families, now):
             hours = (now - row['last_entry']) // 3600000 if row['last_entry'] else None
             said.append(('quiet', 'No entries yet' if hours is None else f'No entries for {hours} h' if hours < 48
                          else f'No entries for {hours // 24} days'))
-        plan = json.loads(row['plan']) if row['plan'] else None
-        minutes = round((row['asleep_ms'] or 0) / 60000)
-        planned = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 if plan else None
-        short = minutes <= planned - 60 if plan else minutes < 600
-        if minutes and short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
+        plan, minutes = json.loads(row['plan'] or 'null'), round((row['asleep_ms'] or 0) / 60000)
+        short = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 - 60 if plan else 599  # or less
+        if minutes and minutes <= short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
             said.append(('short_night', f'Short night: {hm(minutes)}'))
         if (row['wakings'] or 0) >= 3:
             said.append(('many_wakings', f"{row['wakings']} wakings last night"))
@@ -1423,8 +1390,9 @@ def family_flags(families, now):
             said.append(('link_expiring', f"Link for {row['label']} expires {day}" if row['label']
                          else f'An unlabelled link expires {day}'))
         since, asleep = json.loads(row['state']) if row['state'] else (now, 0)
-        if now - since >= 14 * 3600000:
-            said.append(('state_stuck', f"{'Asleep' if asleep else 'Awake'} for {(now - since) // 3600000} h — a forgotten tap?"))
+        hours = (now - since) // 3600000
+        if hours >= 14:
+            said.append(('state_stuck', f"{'Asleep' if asleep else 'Awake'} for {hours} h — a forgotten tap?"))
         flags[row['family_id']] = said
     return flags
 
