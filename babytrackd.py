@@ -2759,109 +2759,96 @@ def admin_family_add():
     redirect(f"/admin/families/{family['id']}", 303)
 
 
-def family_form(family_id, section, act, gone=None):
-    """Run act(family, form) for a family page form, then 303 back; Invalid or a storage fault: the page, as typed."""
-    family = family_or_404(family_id)
-    data = form_body()  # the JSON API has its own routes for all of this
-    try:
-        if act(family, data) is False:  # what it would change was already gone (a second click, an old page)
-            raise Invalid(gone)
-    except Invalid as error:
-        response.status, message = 400, str(error)
-    except sqlite3.Error as error:
-        if not storage_error(error):
-            raise
-        response.status, message = 503, STORAGE_MESSAGE
-        response.set_header('Retry-After', str(STORAGE_RETRY))
-    else:
-        redirect(f'/admin/families/{family_id}#{section}', 303)
-    return page('family', **family_page(family, None, {section: message}, data))
-
-
-@app.post('/admin/families/<family_id>/edit')
-@admin_required
-def admin_family_edit(family_id):
-    """The family page's details form (name, notes, time zone, night window) and its Archive / Unarchive button."""
-    def edit(family, data):  # the Archive / Unarchive button sends archived=1 / 0
-        change_family(family_id, {key: data[key] == '1' if key == 'archived' else data[key]
-                                  for key in FAMILY_FIELDS if key in data})
-    return family_form(family_id, 'details', edit)
-
-
-@app.post('/admin/families/<family_id>/links/new')
-@admin_required
-def admin_links_form(family_id):
-    """The family page's new-link form: a label and an expiry (never, 1 or 2 weeks, or a last day)."""
-    def create(family, data):
-        expires_at = now_ms() + int(data['expires']) * DAY_MS if data.get('expires') in ('7', '14') else None
-        if data.get('expires') == 'date':
+def family_form(path, section, gone=None):
+    """Route a family page form's POST to act(family, form, **its path's names), then 303 back to `section`;
+    Invalid, or act returning False (what it would change was already gone: `gone`), or a storage fault:
+    the page again, as typed. The JSON API has its own routes for all of this."""
+    def route(act):
+        @app.post(f'/admin/families/<family_id>/{path}')
+        @admin_required
+        def handler(family_id, **names):
+            family, data = family_or_404(family_id), form_body()
             try:
-                expires_at = day_window(dt.date.fromisoformat(data.get('expires_on', '')), family['tz'])[1]
-            except ValueError:
-                raise Invalid('Pick the last day the link should work.') from None
-            if expires_at <= now_ms():
-                raise Invalid('The last day must be today or later.')
-        create_link(family['id'], data.get('label', ''), expires_at)
-    return family_form(family_id, 'links', create)
+                if act(family, data, **names) is False:  # a second click, an old page
+                    raise Invalid(gone)
+            except Invalid as error:
+                response.status, message = 400, str(error)
+            except sqlite3.Error as error:
+                if not storage_error(error):
+                    raise
+                response.status, message = 503, STORAGE_MESSAGE
+                response.set_header('Retry-After', str(STORAGE_RETRY))
+            else:
+                redirect(f'/admin/families/{family_id}#{section}', 303)
+            return page('family', **family_page(family, None, {section: message}, data))
+        return act
+    return route
 
 
-@app.post('/admin/families/<family_id>/links/<token>/revoke')
-@admin_required
-def admin_links_revoke_form(family_id, token):
-    """The family page's Revoke button: the link stops working and its sockets close."""
-    return family_form(family_id, 'links', lambda family, data: revoke_and_close(family_id, token),
-                       gone='That link was already revoked.')
+@family_form('edit', 'details')
+def admin_family_edit(family, data):
+    """The family page's details form (name, notes, time zone, night window) and its Archive / Unarchive button."""
+    change_family(family['id'], {key: data[key] == '1' if key == 'archived' else data[key]  # the button: 1 / 0
+                                 for key in FAMILY_FIELDS if key in data})
 
 
-@app.post('/admin/families/<family_id>/config')
-@admin_required
-def admin_config_form(family_id):
-    """The family page's button editor: the JSON is checked, stored and pushed to the family's devices."""
-    def store(family, data):
+@family_form('links/new', 'links')
+def admin_links_form(family, data):
+    """The family page's new-link form: a label and an expiry (never, 1 or 2 weeks, or a last day)."""
+    expires_at = now_ms() + int(data['expires']) * DAY_MS if data.get('expires') in ('7', '14') else None
+    if data.get('expires') == 'date':
         try:
-            groups = json.loads(data.get('config', ''))
-        except ValueError as error:
-            raise Invalid(f'This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).') from None
-        except RecursionError:
-            raise Invalid('This JSON is nested too deeply.') from None
-        push_config(family['id'], groups)
-    return family_form(family_id, 'config', store)
+            expires_at = day_window(dt.date.fromisoformat(data.get('expires_on', '')), family['tz'])[1]
+        except ValueError:
+            raise Invalid('Pick the last day the link should work.') from None
+        if expires_at <= now_ms():
+            raise Invalid('The last day must be today or later.')
+    create_link(family['id'], data.get('label', ''), expires_at)
 
 
-@app.post('/admin/families/<family_id>/buttons')
-@admin_required
-def admin_buttons_form(family_id):
+@family_form('links/<token>/revoke', 'links', gone='That link was already revoked.')
+def admin_links_revoke_form(family, data, token):
+    """The family page's Revoke button: the link stops working and its sockets close."""
+    return revoke_and_close(family['id'], token)
+
+
+@family_form('config', 'config')
+def admin_config_form(family, data):
+    """The family page's button editor: the JSON is checked, stored and pushed to the family's devices."""
+    try:
+        groups = json.loads(data.get('config', ''))
+    except ValueError as error:
+        raise Invalid(f'This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).') from None
+    except RecursionError:
+        raise Invalid('This JSON is nested too deeply.') from None
+    push_config(family['id'], groups)
+
+
+@family_form('buttons', 'buttons')
+def admin_buttons_form(family, data):
     """The family page's button editor (no JSON): checked like the JSON, stored and pushed to the family's devices."""
-    return family_form(family_id, 'buttons',
-                       lambda family, data: push_config(family_id, editor_config(editor_typed(data))))
+    push_config(family['id'], editor_config(editor_typed(data)))
 
 
-@app.post('/admin/families/<family_id>/plan')
-@admin_required
-def admin_plan_form(family_id):
+@family_form('plan', 'plan')
+def admin_plan_form(family, data):
     """The family page's plan form: wake, up to five naps (empty rows skipped) and bedtime; Clear removes the plan."""
-    def store(family, data):
-        plan = None if 'clear' in data else {'wake': data.get('wake', ''), 'bedtime': data.get('bedtime', ''), 'naps': [
-            {'start': data.get(f'nap{n}_start', ''), 'end': data.get(f'nap{n}_end', '')} for n in range(1, 6)
-            if data.get(f'nap{n}_start') or data.get(f'nap{n}_end')]}
-        push_plan(family['id'], plan)
-    return family_form(family_id, 'plan', store)
+    push_plan(family['id'], None if 'clear' in data else {
+        'wake': data.get('wake', ''), 'bedtime': data.get('bedtime', ''),
+        'naps': [{'start': data.get(f'nap{n}_start', ''), 'end': data.get(f'nap{n}_end', '')} for n in range(1, 6)
+                 if data.get(f'nap{n}_start') or data.get(f'nap{n}_end')]})
 
 
-@app.post('/admin/families/<family_id>/notes/new')
-@admin_required
-def admin_notes_form(family_id):
+@family_form('notes/new', 'notes')
+def admin_notes_form(family, data):
     """The family page's note form: a date and the text; the note reaches the family's devices at once."""
-    return family_form(family_id, 'notes',
-                       lambda family, data: push_note(family_id, data.get('date', ''), data.get('text', '')))
+    push_note(family['id'], data.get('date', ''), data.get('text', ''))
 
 
-@app.post('/admin/families/<family_id>/notes/<note_id>/delete')
-@admin_required
-def admin_notes_delete_form(family_id, note_id):
+@family_form('notes/<note_id>/delete', 'notes', gone='That note was already deleted.')
+def admin_notes_delete_form(family, data, note_id):
     """The Delete button beside a coaching note."""
-    return family_form(family_id, 'notes', lambda family, data: drop_note(family_id, note_id),
-                       gone='That note was already deleted.')
+    return drop_note(family['id'], note_id)
 
 
 def export_slices(family_id, size=250):
