@@ -2852,13 +2852,14 @@ def admin_notes_delete_form(family, data, note_id):
 
 
 def export_slices(family_id, size=250):
-    """Yield the family's live entries (oldest first), then None, then its change log (oldest first),
-    `size` rows at a time from one snapshot, serving others between slices; the snapshot is a connection
-    of its own, so no statement stays open on the shared one across a yield."""
+    """Yield the family's live entries (oldest first), then None, then its change log (oldest first), `size` rows
+    at a time from one snapshot, serving others between slices; the snapshot is a connection of its own, so no
+    statement stays open on the shared one across a yield. Rows are sqlite3.Row, in the JSON export's key order."""
     reader = sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])
+    reader.row_factory = sqlite3.Row
     try:
         reader.execute('BEGIN')  # one snapshot for both lists
-        for sql in ("""SELECT id, ts, type, value, updated_at, seq, by FROM entries
+        for sql in ("""SELECT id, ts, NULL AS time, type, value, deleted, updated_at, seq, by FROM entries
                        WHERE family_id = ? AND NOT deleted ORDER BY ts, id DESC""",
                     """SELECT seq, entry_id, ts, type, value, deleted, updated_at, by, at FROM changes
                        WHERE family_id = ? ORDER BY seq"""):
@@ -2875,45 +2876,30 @@ def export_slices(family_id, size=250):
 @admin_required
 def admin_family_export(family_id, kind):
     """The family's live entries, oldest first: stable ids, ISO times in the family's zone and raw ms (streamed)."""
-    family = family_or_404(family_id)
+    family, slices = family_or_404(family_id), export_slices(family_id)
+    entries = iter(lambda: next(slices), None)
     stamp = lambda ts: local_time(ts, family['tz']).isoformat(timespec='seconds')
     response.set_header('Content-Disposition', f'attachment; filename="babytrack-{family_id}.{kind}"')
     if kind == 'json':
         response.content_type = 'application/json'
-        shape = lambda part: ','.join(json.dumps(
-            {'id': entry_id, 'ts': ts, 'time': stamp(ts), 'type': entry_type, 'value': value, 'deleted': False,
-             'updated_at': updated_at, 'seq': seq, 'by': by})
-            for entry_id, ts, entry_type, value, updated_at, seq, by in part)
-        change = lambda part: ','.join(json.dumps(
-            {'seq': seq, 'entry_id': entry_id, 'ts': ts, 'type': entry_type, 'value': value, 'deleted': bool(deleted),
-             'updated_at': updated_at, 'by': by, 'at': at})
-            for seq, entry_id, ts, entry_type, value, deleted, updated_at, by, at in part)
+        entry = lambda row: {**row, 'time': stamp(row['ts']), 'deleted': False}
+        change = lambda row: {**row, 'deleted': bool(row['deleted'])}
 
-        def pieces():
-            yield json.dumps({'family': family, 'exported_at': now_ms(), 'entries': []})[:-2]  # ends '"entries": ['
-            slices, first = export_slices(family_id), True
-            for part in iter(lambda: next(slices), None):
-                yield ',' * (not first) + shape(part)
-                first = False
-            yield '], "changes": ['
-            first = True
-            for part in slices:
-                if part:
-                    yield ',' * (not first) + change(part)
-                    first = False
-            yield ']}'
-        return pieces()
+        def listed(parts, shape):
+            for number, part in enumerate(parts):  # commas between the objects, none after the last
+                yield ',' * (number > 0) + ','.join(json.dumps(shape(row)) for row in part)
+        head = json.dumps({'family': family, 'exported_at': now_ms(), 'entries': []})[:-2]  # ends '"entries": ['
+        return chain([head], listed(entries, entry), ['], "changes": ['], listed(filter(None, slices), change), [']}'])
     # a text starting with = + - @ (or the quote that marks one) would run as a formula in a spreadsheet
     safe = lambda text: f"'{text}" if str(text)[:1] in tuple("=+-@\t\r'") else text
 
     def lines(part):
         out = io.StringIO()
-        csv.writer(out).writerows((safe(entry_id), stamp(ts), ts, safe(entry_type), safe(value), safe(by), updated_at, seq)
-                                  for entry_id, ts, entry_type, value, updated_at, seq, by in part)
+        csv.writer(out).writerows((safe(e['id']), stamp(e['ts']), e['ts'], safe(e['type']), safe(e['value']),
+                                   safe(e['by']), e['updated_at'], e['seq']) for e in part)
         return out.getvalue()
     response.content_type = 'text/csv; charset=utf-8'
-    slices = export_slices(family_id)
-    return itertools.chain(['id,time,ts,type,value,by,updated_at,seq\r\n'], map(lines, iter(lambda: next(slices), None)))
+    return chain(['id,time,ts,type,value,by,updated_at,seq\r\n'], map(lines, entries))
 
 
 # -- admin pages: history, restore and import -------------------------------------
