@@ -3134,27 +3134,26 @@ def metrics():
     if not metrics_allowed():
         bottle.abort(404, 'Not found.')
     response.content_type = 'text/plain; version=0.0.4'
-    lines = [f'babytrackd_{name}_total {value}' for name, value in sorted(stats.items())]
-    lines.append(f'babytrackd_open_sockets {len(hub.peers())}')
-    lines.append(f'babytrackd_storage_faults_total {storage["faults"]}')
-    lines.append(f'babytrackd_resident_memory_bytes {rss_bytes()}')
-    backup = latest_backup()
-    if backup:
+    lines = [f'babytrackd_{name}_total {value}' for name, value in sorted(stats.items())] + [
+        f'babytrackd_open_sockets {len(hub.peers())}', f'babytrackd_storage_faults_total {storage["faults"]}',
+        f'babytrackd_resident_memory_bytes {rss_bytes()}']
+    if backup := latest_backup():
         lines.append(f'babytrackd_backup_age_seconds {int(time.time() - os.path.getmtime(backup))}')
     return '\n'.join(lines) + '\n'
 
 
+def on_own_connection(path, work):
+    """Return work(conn) on a connection of its own to the database at `path`, closed after."""
+    conn = sqlite3.connect(path)
+    try:
+        return work(conn)
+    finally:
+        conn.close()
+
+
 def backup_to(path):
     """Write a consistent copy of the live database to `path` (SQLite's online backup, off the loop)."""
-    def copy():
-        source = sqlite3.connect(DB_PATH)
-        target = sqlite3.connect(path)
-        try:
-            source.backup(target)
-        finally:
-            target.close()
-            source.close()
-    apart(copy)
+    apart(on_own_connection, DB_PATH, lambda source: on_own_connection(path, source.backup))
     return path
 
 
@@ -3211,12 +3210,6 @@ def checkpoint_loop():
     """Once a second after writes, copy the WAL into the database from a thread. SQLite's own
     checkpoint runs inside a commit, and its fsyncs held up the loop for ms: serve() leaves it only
     as the bound under writes that never pause (the WAL restarts only once all of it is copied)."""
-    def checkpoint():
-        conn = sqlite3.connect(DB_PATH)
-        try:
-            conn.execute('PRAGMA wal_checkpoint(PASSIVE)')
-        finally:
-            conn.close()
     done, probed = db.total_changes, 0
     while True:
         gevent.sleep(1)
@@ -3226,7 +3219,7 @@ def checkpoint_loop():
         if db.total_changes != done:
             done = db.total_changes
             try:
-                apart(checkpoint)
+                apart(on_own_connection, DB_PATH, lambda conn: conn.execute('PRAGMA wal_checkpoint(PASSIVE)'))
             except sqlite3.Error:
                 log.exception('checkpoint failed')
 
@@ -3236,14 +3229,11 @@ def swap_in_restore(path):
     waiting = path + '.restore'
     if not os.path.exists(waiting):
         return False
-    check = sqlite3.connect(waiting)
     try:
-        healthy = check.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
-    except sqlite3.DatabaseError:
-        healthy = False
-    finally:
-        check.close()
-    if not healthy:
+        verdict = on_own_connection(waiting, lambda check: check.execute('PRAGMA integrity_check').fetchone()[0])
+    except sqlite3.DatabaseError:  # not a database at all
+        verdict = None
+    if verdict != 'ok':
         raise SystemExit(f'{waiting} failed its integrity check; nothing was restored')
     aside = f"{path}.before-restore-{time.strftime('%Y%m%d-%H%M%S')}"
     for suffix in ('', '-wal', '-shm'):
@@ -3428,8 +3418,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='babytrackd', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command')
     commands.add_parser('serve', help='run the server (the default)')
-    backup = commands.add_parser('backup', help='write a consistent copy of the database while it serves')
-    backup.add_argument('path')
+    commands.add_parser('backup', help='write a consistent copy of the database while it serves').add_argument('path')
     commands.add_parser('vacuum', help='rebuild the database file to reclaim space')
     commands.add_parser('hash-password', help='print a bcrypt hash for ADMIN_PASS (reads the password from stdin)')
     args = parser.parse_args(argv)
@@ -3438,8 +3427,7 @@ def main(argv=None):
         print(hash_password(sys.stdin.readline().rstrip('\n')))
         return 0
     if args.command == 'backup':
-        backup_to(args.path)
-        print(f'backup written to {args.path}')
+        print(f'backup written to {backup_to(args.path)}')
         return 0
     swap_in_restore(DB_PATH)
     open_db()
