@@ -3228,7 +3228,7 @@ def swap_in_restore(path):
     """Before opening: put a waiting PATH.restore in place of the database, keeping the old file aside."""
     waiting = path + '.restore'
     if not os.path.exists(waiting):
-        return False
+        return
     try:
         verdict = on_own_connection(waiting, lambda check: check.execute('PRAGMA integrity_check').fetchone()[0])
     except sqlite3.DatabaseError:  # not a database at all
@@ -3242,7 +3242,6 @@ def swap_in_restore(path):
     os.replace(waiting, path)
     log.warning('restored the database from %s; the previous file is %s', os.path.basename(waiting),
                 os.path.basename(aside))
-    return True
 
 
 class Refused(ValueError):
@@ -3435,8 +3434,7 @@ def main(argv=None):
         db.execute('VACUUM')
         print('vacuum done')
         return 0
-    generated = ensure_admin()
-    if generated:
+    if generated := ensure_admin():
         print(f'babytrackd: created admin "{ADMIN_USER}" with password: {generated}\n'
               '            (shown once; set ADMIN_PASS to choose your own)', flush=True)
     serve()
