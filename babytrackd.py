@@ -2854,22 +2854,22 @@ def admin_notes_delete_form(family, data, note_id):
 def export_slices(family_id, size=250):
     """Yield the family's live entries (oldest first), then None, then its change log (oldest first), `size` rows
     at a time from one snapshot, serving others between slices; the snapshot is a connection of its own, so no
-    statement stays open on the shared one across a yield. Rows are sqlite3.Row, in the JSON export's key order."""
-    reader = sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])
-    reader.row_factory = sqlite3.Row
+    statement stays open on the shared one across a yield. Each row's columns are in its JSON export's order."""
+    snapshot = sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])
+    snapshot.row_factory = sqlite3.Row
     try:
-        reader.execute('BEGIN')  # one snapshot for both lists
+        snapshot.execute('BEGIN')  # one snapshot for both lists
         for sql in ("""SELECT id, ts, NULL AS time, type, value, deleted, updated_at, seq, by FROM entries
                        WHERE family_id = ? AND NOT deleted ORDER BY ts, id DESC""",
                     """SELECT seq, entry_id, ts, type, value, deleted, updated_at, by, at FROM changes
                        WHERE family_id = ? ORDER BY seq"""):
-            found = reader.execute(sql, (family_id,))
+            found = snapshot.execute(sql, (family_id,))
             while part := found.fetchmany(size):
                 yield part
                 gevent.idle()
             yield None
     finally:
-        reader.close()
+        snapshot.close()
 
 
 @app.get('/admin/families/<family_id>/export.<kind:re:csv|json>')
@@ -3062,8 +3062,8 @@ class JsonLines(logging.Formatter):
     """One JSON object per log line."""
 
     def format(self, record):
-        line = {'time': self.formatTime(record), 'level': record.levelname.lower(), 'msg': record.getMessage()}
-        line.update(getattr(record, 'fields', {}))
+        line = {'time': self.formatTime(record), 'level': record.levelname.lower(), 'msg': record.getMessage(),
+                **getattr(record, 'fields', {})}
         if record.exc_info:
             line['error'] = self.formatException(record.exc_info)
         return json.dumps(line)
