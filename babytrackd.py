@@ -2760,9 +2760,9 @@ def admin_family_add():
 
 
 def family_form(path, section, gone=None):
-    """Route a family page form's POST to act(family, form, **its path's names), then 303 back to `section`;
-    Invalid, or act returning False (what it would change was already gone: `gone`), or a storage fault:
-    the page again, as typed. The JSON API has its own routes for all of this."""
+    """Route a family page form's POST to act(family, form, **the path's other parts), then 303 back to its
+    section; on Invalid, on act returning False (what it changes was already gone: say `gone`) or on a storage
+    fault, show the page again as typed. The JSON API has its own routes for all of this."""
     def route(act):
         @app.post(f'/admin/families/<family_id>/{path}')
         @admin_required
@@ -3289,12 +3289,10 @@ class Handler(WebSocketHandler):
 
     def handle_one_request(self):
         if self.requestline is not None:  # a request was served: wait for the next one to begin
-            began = b''
-            with gevent.Timeout(IDLE_SECONDS, False):
-                try:
-                    began = self.rfile.peek(1)
-                except OSError:
-                    pass
+            try:
+                began = gevent.with_timeout(IDLE_SECONDS, self.rfile.peek, 1, timeout_value=b'')
+            except OSError:
+                began = b''
             if not began:
                 return None
         self.deadline = gevent.Timeout.start_new(HEAD_SECONDS, socket.timeout('request head too slow'))
