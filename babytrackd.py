@@ -2883,13 +2883,13 @@ def admin_family_export(family_id, kind):
     if kind == 'json':
         response.content_type = 'application/json'
         entry = lambda row: {**row, 'time': stamp(row['ts']), 'deleted': False}
-        change = lambda row: {**row, 'deleted': bool(row['deleted'])}
 
         def listed(parts, shape):
             for number, part in enumerate(parts):  # commas between the objects, none after the last
                 yield ',' * (number > 0) + ','.join(json.dumps(shape(row)) for row in part)
         head = json.dumps({'family': family, 'exported_at': now_ms(), 'entries': []})[:-2]  # ends '"entries": ['
-        return chain([head], listed(entries, entry), ['], "changes": ['], listed(filter(None, slices), change), [']}'])
+        changes = filter(None, slices)  # what follows the entries: the change log, then a None
+        return chain([head], listed(entries, entry), ['], "changes": ['], listed(changes, change_dict), [']}'])
     # a text starting with = + - @ (or the quote that marks one) would run as a formula in a spreadsheet
     safe = lambda text: f"'{text}" if str(text)[:1] in tuple("=+-@\t\r'") else text
 
