@@ -2640,174 +2640,147 @@ def admin_family_add():
     redirect(f"/admin/families/{family['id']}", 303)
 
 
-def family_form(family_id, section, act, gone=None):
-    """Run act(family, form) for a family page form, then 303 back; Invalid or a storage fault: the page, as typed."""
-    family = family_or_404(family_id)
-    data = form_body()  # the JSON API has its own routes for all of this
-    try:
-        if act(family, data) is False:  # what it would change was already gone (a second click, an old page)
-            raise Invalid(gone)
-    except Invalid as error:
-        response.status, message = 400, str(error)
-    except sqlite3.Error as error:
-        if not storage_error(error):
-            raise
-        response.status, message = 503, STORAGE_MESSAGE
-        response.set_header('Retry-After', str(STORAGE_RETRY))
-    else:
-        redirect(f'/admin/families/{family_id}#{section}', 303)
-    return page('family', **family_page(family, None, {section: message}, data))
-
-
-@app.post('/admin/families/<family_id>/edit')
-@admin_required
-def admin_family_edit(family_id):
-    """The family page's details form (name, notes, time zone, night window) and its Archive / Unarchive button."""
-    def edit(family, data):  # the Archive / Unarchive button sends archived=1 / 0
-        change_family(family_id, {key: data[key] == '1' if key == 'archived' else data[key]
-                                  for key in FAMILY_FIELDS if key in data})
-    return family_form(family_id, 'details', edit)
-
-
-@app.post('/admin/families/<family_id>/links/new')
-@admin_required
-def admin_links_form(family_id):
-    """The family page's new-link form: a label and an expiry (never, 1 or 2 weeks, or a last day)."""
-    def create(family, data):
-        expires_at = now_ms() + int(data['expires']) * DAY_MS if data.get('expires') in ('7', '14') else None
-        if data.get('expires') == 'date':
+def family_form(path, section, gone=None):
+    """Route a family page form's POST to act(family, form, **the path's other parts), then 303 back to its
+    section; on Invalid, on act returning False (what it changes was already gone: say `gone`) or on a storage
+    fault, show the page again as typed. The JSON API has its own routes for all of this."""
+    def route(act):
+        @app.post(f'/admin/families/<family_id>/{path}')
+        @admin_required
+        def handler(family_id, **names):
+            family, data = family_or_404(family_id), form_body()
             try:
-                expires_at = day_window(dt.date.fromisoformat(data.get('expires_on', '')), family['tz'])[1]
-            except ValueError:
-                raise Invalid('Pick the last day the link should work.') from None
-            if expires_at <= now_ms():
-                raise Invalid('The last day must be today or later.')
-        create_link(family['id'], data.get('label', ''), expires_at)
-    return family_form(family_id, 'links', create)
+                if act(family, data, **names) is False:  # a second click, an old page
+                    raise Invalid(gone)
+            except Invalid as error:
+                response.status, message = 400, str(error)
+            except sqlite3.Error as error:
+                if not storage_error(error):
+                    raise
+                response.status, message = 503, STORAGE_MESSAGE
+                response.set_header('Retry-After', str(STORAGE_RETRY))
+            else:
+                redirect(f'/admin/families/{family_id}#{section}', 303)
+            return page('family', **family_page(family, None, {section: message}, data))
+        return act
+    return route
 
 
-@app.post('/admin/families/<family_id>/links/<token>/revoke')
-@admin_required
-def admin_links_revoke_form(family_id, token):
-    """The family page's Revoke button: the link stops working and its sockets close."""
-    return family_form(family_id, 'links', lambda family, data: revoke_and_close(family_id, token),
-                       gone='That link was already revoked.')
+@family_form('edit', 'details')
+def admin_family_edit(family, data):
+    """The family page's details form (name, notes, time zone, night window) and its Archive / Unarchive button."""
+    change_family(family['id'], {key: data[key] == '1' if key == 'archived' else data[key]  # the button: 1 / 0
+                                 for key in FAMILY_FIELDS if key in data})
 
 
-@app.post('/admin/families/<family_id>/config')
-@admin_required
-def admin_config_form(family_id):
-    """The family page's button editor: the JSON is checked, stored and pushed to the family's devices."""
-    def store(family, data):
+@family_form('links/new', 'links')
+def admin_links_form(family, data):
+    """The family page's new-link form: a label and an expiry (never, 1 or 2 weeks, or a last day)."""
+    expires_at = now_ms() + int(data['expires']) * DAY_MS if data.get('expires') in ('7', '14') else None
+    if data.get('expires') == 'date':
         try:
-            groups = json.loads(data.get('config', ''))
-        except ValueError as error:
-            raise Invalid(f'This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).') from None
-        except RecursionError:
-            raise Invalid('This JSON is nested too deeply.') from None
-        push_config(family['id'], groups)
-    return family_form(family_id, 'config', store)
+            expires_at = day_window(dt.date.fromisoformat(data.get('expires_on', '')), family['tz'])[1]
+        except ValueError:
+            raise Invalid('Pick the last day the link should work.') from None
+        if expires_at <= now_ms():
+            raise Invalid('The last day must be today or later.')
+    create_link(family['id'], data.get('label', ''), expires_at)
 
 
-@app.post('/admin/families/<family_id>/buttons')
-@admin_required
-def admin_buttons_form(family_id):
+@family_form('links/<token>/revoke', 'links', gone='That link was already revoked.')
+def admin_links_revoke_form(family, data, token):
+    """The family page's Revoke button: the link stops working and its sockets close."""
+    return revoke_and_close(family['id'], token)
+
+
+@family_form('config', 'config')
+def admin_config_form(family, data):
+    """The family page's button editor: the JSON is checked, stored and pushed to the family's devices."""
+    try:
+        groups = json.loads(data.get('config', ''))
+    except ValueError as error:
+        raise Invalid(f'This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).') from None
+    except RecursionError:
+        raise Invalid('This JSON is nested too deeply.') from None
+    push_config(family['id'], groups)
+
+
+@family_form('buttons', 'buttons')
+def admin_buttons_form(family, data):
     """The family page's button editor (no JSON): checked like the JSON, stored and pushed to the family's devices."""
-    return family_form(family_id, 'buttons',
-                       lambda family, data: push_config(family_id, editor_config(editor_typed(data))))
+    push_config(family['id'], editor_config(editor_typed(data)))
 
 
-@app.post('/admin/families/<family_id>/plan')
-@admin_required
-def admin_plan_form(family_id):
+@family_form('plan', 'plan')
+def admin_plan_form(family, data):
     """The family page's plan form: wake, up to five naps (empty rows skipped) and bedtime; Clear removes the plan."""
-    def store(family, data):
-        plan = None if 'clear' in data else {'wake': data.get('wake', ''), 'bedtime': data.get('bedtime', ''), 'naps': [
-            {'start': data.get(f'nap{n}_start', ''), 'end': data.get(f'nap{n}_end', '')} for n in range(1, 6)
-            if data.get(f'nap{n}_start') or data.get(f'nap{n}_end')]}
-        push_plan(family['id'], plan)
-    return family_form(family_id, 'plan', store)
+    push_plan(family['id'], None if 'clear' in data else {
+        'wake': data.get('wake', ''), 'bedtime': data.get('bedtime', ''),
+        'naps': [{'start': data.get(f'nap{n}_start', ''), 'end': data.get(f'nap{n}_end', '')} for n in range(1, 6)
+                 if data.get(f'nap{n}_start') or data.get(f'nap{n}_end')]})
 
 
-@app.post('/admin/families/<family_id>/notes/new')
-@admin_required
-def admin_notes_form(family_id):
+@family_form('notes/new', 'notes')
+def admin_notes_form(family, data):
     """The family page's note form: a date and the text; the note reaches the family's devices at once."""
-    return family_form(family_id, 'notes',
-                       lambda family, data: push_note(family_id, data.get('date', ''), data.get('text', '')))
+    push_note(family['id'], data.get('date', ''), data.get('text', ''))
 
 
-@app.post('/admin/families/<family_id>/notes/<note_id>/delete')
-@admin_required
-def admin_notes_delete_form(family_id, note_id):
+@family_form('notes/<note_id>/delete', 'notes', gone='That note was already deleted.')
+def admin_notes_delete_form(family, data, note_id):
     """The Delete button beside a coaching note."""
-    return family_form(family_id, 'notes', lambda family, data: drop_note(family_id, note_id),
-                       gone='That note was already deleted.')
+    return drop_note(family['id'], note_id)
 
 
 def export_slices(family_id, size=250):
-    """Yield the family's live entries (oldest first), then None, then its change log (oldest first),
-    `size` rows at a time from one snapshot, serving others between slices; the snapshot is a connection
-    of its own, so no statement stays open on the shared one across a yield."""
-    reader = sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])
+    """Yield the family's live entries (oldest first), then None, then its change log (oldest first), `size` rows
+    at a time from one snapshot, serving others between slices; the snapshot is a connection of its own, so no
+    statement stays open on the shared one across a yield. Each row's columns are in its JSON export's order."""
+    snapshot = sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])
+    snapshot.row_factory = sqlite3.Row
     try:
-        reader.execute('BEGIN')  # one snapshot for both lists
-        for sql in ("""SELECT id, ts, type, value, updated_at, seq, by FROM entries
+        snapshot.execute('BEGIN')  # one snapshot for both lists
+        for sql in ("""SELECT id, ts, NULL AS time, type, value, deleted, updated_at, seq, by FROM entries
                        WHERE family_id = ? AND NOT deleted ORDER BY ts, id DESC""",
                     """SELECT seq, entry_id, ts, type, value, deleted, updated_at, by, at FROM changes
                        WHERE family_id = ? ORDER BY seq"""):
-            found = reader.execute(sql, (family_id,))
+            found = snapshot.execute(sql, (family_id,))
             while part := found.fetchmany(size):
                 yield part
                 gevent.idle()
             yield None
     finally:
-        reader.close()
+        snapshot.close()
 
 
 @app.get('/admin/families/<family_id>/export.<kind:re:csv|json>')
 @admin_required
 def admin_family_export(family_id, kind):
     """The family's live entries, oldest first: stable ids, ISO times in the family's zone and raw ms (streamed)."""
-    family = family_or_404(family_id)
+    family, slices = family_or_404(family_id), export_slices(family_id)
+    entries = iter(lambda: next(slices), None)
     stamp = lambda ts: local_time(ts, family['tz']).isoformat(timespec='seconds')
     response.set_header('Content-Disposition', f'attachment; filename="babytrack-{family_id}.{kind}"')
     if kind == 'json':
         response.content_type = 'application/json'
-        shape = lambda part: ','.join(json.dumps(
-            {'id': entry_id, 'ts': ts, 'time': stamp(ts), 'type': entry_type, 'value': value, 'deleted': False,
-             'updated_at': updated_at, 'seq': seq, 'by': by})
-            for entry_id, ts, entry_type, value, updated_at, seq, by in part)
-        change = lambda part: ','.join(json.dumps(
-            {'seq': seq, 'entry_id': entry_id, 'ts': ts, 'type': entry_type, 'value': value, 'deleted': bool(deleted),
-             'updated_at': updated_at, 'by': by, 'at': at})
-            for seq, entry_id, ts, entry_type, value, deleted, updated_at, by, at in part)
+        entry = lambda row: {**row, 'time': stamp(row['ts']), 'deleted': False}
 
-        def pieces():
-            yield json.dumps({'family': family, 'exported_at': now_ms(), 'entries': []})[:-2]  # ends '"entries": ['
-            slices, first = export_slices(family_id), True
-            for part in iter(lambda: next(slices), None):
-                yield ',' * (not first) + shape(part)
-                first = False
-            yield '], "changes": ['
-            first = True
-            for part in slices:
-                if part:
-                    yield ',' * (not first) + change(part)
-                    first = False
-            yield ']}'
-        return pieces()
+        def listed(parts, shape):
+            for number, part in enumerate(parts):  # commas between the objects, none after the last
+                yield ',' * (number > 0) + ','.join(json.dumps(shape(row)) for row in part)
+        head = json.dumps({'family': family, 'exported_at': now_ms(), 'entries': []})[:-2]  # ends '"entries": ['
+        changes = filter(None, slices)  # what follows the entries: the change log, then a None
+        return chain([head], listed(entries, entry), ['], "changes": ['], listed(changes, change_dict), [']}'])
     # a text starting with = + - @ (or the quote that marks one) would run as a formula in a spreadsheet
     safe = lambda text: f"'{text}" if str(text)[:1] in tuple("=+-@\t\r'") else text
 
     def lines(part):
         out = io.StringIO()
-        csv.writer(out).writerows((safe(entry_id), stamp(ts), ts, safe(entry_type), safe(value), safe(by), updated_at, seq)
-                                  for entry_id, ts, entry_type, value, updated_at, seq, by in part)
+        csv.writer(out).writerows((safe(e['id']), stamp(e['ts']), e['ts'], safe(e['type']), safe(e['value']),
+                                   safe(e['by']), e['updated_at'], e['seq']) for e in part)
         return out.getvalue()
     response.content_type = 'text/csv; charset=utf-8'
-    slices = export_slices(family_id)
-    return itertools.chain(['id,time,ts,type,value,by,updated_at,seq\r\n'], map(lines, iter(lambda: next(slices), None)))
+    return chain(['id,time,ts,type,value,by,updated_at,seq\r\n'], map(lines, entries))
 
 
 # -- admin pages: history, restore and import -------------------------------------
@@ -2970,8 +2943,8 @@ class JsonLines(logging.Formatter):
     """One JSON object per log line."""
 
     def format(self, record):
-        line = {'time': self.formatTime(record), 'level': record.levelname.lower(), 'msg': record.getMessage()}
-        line.update(getattr(record, 'fields', {}))
+        line = {'time': self.formatTime(record), 'level': record.levelname.lower(), 'msg': record.getMessage(),
+                **getattr(record, 'fields', {})}
         if record.exc_info:
             line['error'] = self.formatException(record.exc_info)
         return json.dumps(line)
@@ -3042,27 +3015,26 @@ def metrics():
     if not metrics_allowed():
         bottle.abort(404, 'Not found.')
     response.content_type = 'text/plain; version=0.0.4'
-    lines = [f'babytrackd_{name}_total {value}' for name, value in sorted(stats.items())]
-    lines.append(f'babytrackd_open_sockets {len(hub.peers())}')
-    lines.append(f'babytrackd_storage_faults_total {storage["faults"]}')
-    lines.append(f'babytrackd_resident_memory_bytes {rss_bytes()}')
-    backup = latest_backup()
-    if backup:
+    lines = [f'babytrackd_{name}_total {value}' for name, value in sorted(stats.items())] + [
+        f'babytrackd_open_sockets {len(hub.peers())}', f'babytrackd_storage_faults_total {storage["faults"]}',
+        f'babytrackd_resident_memory_bytes {rss_bytes()}']
+    if backup := latest_backup():
         lines.append(f'babytrackd_backup_age_seconds {int(time.time() - os.path.getmtime(backup))}')
     return '\n'.join(lines) + '\n'
 
 
+def on_own_connection(path, work):
+    """Return work(conn) on a connection of its own to the database at `path`, closed after."""
+    conn = sqlite3.connect(path)
+    try:
+        return work(conn)
+    finally:
+        conn.close()
+
+
 def backup_to(path):
     """Write a consistent copy of the live database to `path` (SQLite's online backup, off the loop)."""
-    def copy():
-        source = sqlite3.connect(DB_PATH)
-        target = sqlite3.connect(path)
-        try:
-            source.backup(target)
-        finally:
-            target.close()
-            source.close()
-    apart(copy)
+    apart(on_own_connection, DB_PATH, lambda source: on_own_connection(path, source.backup))
     return path
 
 
@@ -3119,12 +3091,6 @@ def checkpoint_loop():
     """Once a second after writes, copy the WAL into the database from a thread. SQLite's own
     checkpoint runs inside a commit, and its fsyncs held up the loop for ms: serve() leaves it only
     as the bound under writes that never pause (the WAL restarts only once all of it is copied)."""
-    def checkpoint():
-        conn = sqlite3.connect(DB_PATH)
-        try:
-            conn.execute('PRAGMA wal_checkpoint(PASSIVE)')
-        finally:
-            conn.close()
     done, probed = db.total_changes, 0
     while True:
         gevent.sleep(1)
@@ -3134,7 +3100,7 @@ def checkpoint_loop():
         if db.total_changes != done:
             done = db.total_changes
             try:
-                apart(checkpoint)
+                apart(on_own_connection, DB_PATH, lambda conn: conn.execute('PRAGMA wal_checkpoint(PASSIVE)'))
             except sqlite3.Error:
                 log.exception('checkpoint failed')
 
@@ -3143,15 +3109,12 @@ def swap_in_restore(path):
     """Before opening: put a waiting PATH.restore in place of the database, keeping the old file aside."""
     waiting = path + '.restore'
     if not os.path.exists(waiting):
-        return False
-    check = sqlite3.connect(waiting)
+        return
     try:
-        healthy = check.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
-    except sqlite3.DatabaseError:
-        healthy = False
-    finally:
-        check.close()
-    if not healthy:
+        verdict = on_own_connection(waiting, lambda check: check.execute('PRAGMA integrity_check').fetchone()[0])
+    except sqlite3.DatabaseError:  # not a database at all
+        verdict = None
+    if verdict != 'ok':
         raise SystemExit(f'{waiting} failed its integrity check; nothing was restored')
     aside = f"{path}.before-restore-{time.strftime('%Y%m%d-%H%M%S')}"
     for suffix in ('', '-wal', '-shm'):
@@ -3160,7 +3123,6 @@ def swap_in_restore(path):
     os.replace(waiting, path)
     log.warning('restored the database from %s; the previous file is %s', os.path.basename(waiting),
                 os.path.basename(aside))
-    return True
 
 
 class Refused(ValueError):
@@ -3208,12 +3170,10 @@ class Handler(WebSocketHandler):
 
     def handle_one_request(self):
         if self.requestline is not None:  # a request was served: wait for the next one to begin
-            began = b''
-            with gevent.Timeout(IDLE_SECONDS, False):
-                try:
-                    began = self.rfile.peek(1)
-                except OSError:
-                    pass
+            try:
+                began = gevent.with_timeout(IDLE_SECONDS, self.rfile.peek, 1, timeout_value=b'')
+            except OSError:
+                began = b''
             if not began:
                 return None
         self.deadline = gevent.Timeout.start_new(HEAD_SECONDS, socket.timeout('request head too slow'))
@@ -3336,8 +3296,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='babytrackd', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command')
     commands.add_parser('serve', help='run the server (the default)')
-    backup = commands.add_parser('backup', help='write a consistent copy of the database while it serves')
-    backup.add_argument('path')
+    commands.add_parser('backup', help='write a consistent copy of the database while it serves').add_argument('path')
     commands.add_parser('vacuum', help='rebuild the database file to reclaim space')
     commands.add_parser('hash-password', help='print a bcrypt hash for ADMIN_PASS (reads the password from stdin)')
     args = parser.parse_args(argv)
@@ -3346,8 +3305,7 @@ def main(argv=None):
         print(hash_password(sys.stdin.readline().rstrip('\n')))
         return 0
     if args.command == 'backup':
-        backup_to(args.path)
-        print(f'backup written to {args.path}')
+        print(f'backup written to {backup_to(args.path)}')
         return 0
     swap_in_restore(DB_PATH)
     open_db()
@@ -3355,8 +3313,7 @@ def main(argv=None):
         db.execute('VACUUM')
         print('vacuum done')
         return 0
-    generated = ensure_admin()
-    if generated:
+    if generated := ensure_admin():
         print(f'babytrackd: created admin "{ADMIN_USER}" with password: {generated}\n'
               '            (shown once; set ADMIN_PASS to choose your own)', flush=True)
     serve()
