@@ -738,10 +738,15 @@ def recent_changes(family_id, limit=50):
                                               (family_id, limit))]
 
 
+def change_dict(row):
+    """Shape a change-log row: one version of an entry, with the server time it was accepted (`at`)."""
+    return dict(row, deleted=bool(row['deleted']))
+
+
 def entry_history(family_id, entry_id, before=2 ** 63 - 1, limit=-1):
-    """Return the newest `limit` versions (each with `at`, the server time it was accepted) before seq `before`
-    of one of the family's entries, oldest first (empty for another family's)."""
-    return [dict(r, deleted=bool(r['deleted'])) for r in reversed(db.execute(
+    """Return the newest `limit` versions before seq `before` of one of the family's entries, oldest first
+    (empty for another family's)."""
+    return [change_dict(r) for r in reversed(db.execute(
         """SELECT seq, ts, type, value, deleted, updated_at, by, at FROM changes
            WHERE entry_id = ? AND family_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?""",
         (entry_id, family_id, before, limit)).fetchall())]
