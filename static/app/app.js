@@ -451,6 +451,7 @@ function save(change) {
     for (const id of change.unpark || []) tx.objectStore('parked').delete(id);
     tx.oncomplete = () => resolve();
     tx.onerror = tx.onabort = () => resolve();   // the change is still in memory; the outbox is re-sent later
+    if (tx.commit) tx.commit();   // at once, not when the task ends: a link opened right after a tap keeps it
   });
 }
 
