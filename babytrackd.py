@@ -2758,14 +2758,13 @@ def export_slices(family_id, size=250):
         snapshot.close()
 
 
-@app.get('/admin/families/<family_id>/export.<kind:re:csv|json>')
-@admin_required
-def admin_family_export(family_id, kind):
+@family_route('GET', '/admin/families/<family_id>/export.<kind:re:csv|json>')
+def admin_family_export(family, kind):
     """The family's live entries, oldest first: stable ids, ISO times in the family's zone and raw ms (streamed)."""
-    family, slices = family_or_404(family_id), export_slices(family_id)
+    slices = export_slices(family['id'])
     entries = iter(lambda: next(slices), None)
     stamp = lambda ts: local_time(ts, family['tz']).isoformat(timespec='seconds')
-    response.set_header('Content-Disposition', f'attachment; filename="babytrack-{family_id}.{kind}"')
+    response.set_header('Content-Disposition', f'attachment; filename="babytrack-{family["id"]}.{kind}"')
     if kind == 'json':
         response.content_type = 'application/json'
         entry = lambda row: {**row, 'time': stamp(row['ts']), 'deleted': False}
@@ -2807,12 +2806,10 @@ def page_before():
     return 2 ** 63 - 1 if before is None else int(before)
 
 
-@app.get('/admin/families/<family_id>/entries/<entry_id>/history')
-@admin_required
-def admin_entry_history(family_id, entry_id):
+@family_route('GET', '/admin/families/<family_id>/entries/<entry_id>/history')
+def admin_entry_history(family, entry_id):
     """The newest PAGE_ROWS versions of one entry before `before` (a seq), oldest first, each restorable."""
-    family = family_or_404(family_id)
-    changes = entry_history(family_id, entry_id, page_before(), PAGE_ROWS + 1)
+    changes = entry_history(family['id'], entry_id, page_before(), PAGE_ROWS + 1)
     if not changes:
         bottle.abort(404, 'No such entry in this family.')
     older = changes[1]['seq'] if len(changes) > PAGE_ROWS else None  # the next page: versions before the first shown
@@ -2824,12 +2821,10 @@ def admin_entry_history(family_id, entry_id):
                 when=lambda ms: when(ms, family['tz'], now))
 
 
-@app.post('/admin/families/<family_id>/entries/<entry_id>/restore')
-@admin_required
-def admin_entry_restore(family_id, entry_id):
+@family_route('POST', '/admin/families/<family_id>/entries/<entry_id>/restore')
+def admin_entry_restore(family, entry_id):
     """Make an older version current again (by = the admin), pushed to the family's devices like any change."""
-    family_or_404(family_id)
-    data = form_or_json()
+    family_id, data = family['id'], form_or_json()
     seq = data.get('seq')  # a number in JSON, digits in a form
     seq = int(seq) if isinstance(seq, str) and re.fullmatch('[0-9]{1,18}', seq) else check_int(seq, 'seq')
     answer = restore_entry(family_id, entry_id, seq, request.environ['babytrackd.session']['username'])
@@ -2844,12 +2839,11 @@ def admin_entry_restore(family_id, entry_id):
     redirect(f'/admin/families/{family_id}/{back}', 303)
 
 
-@app.get('/admin/families/<family_id>/deleted')
-@admin_required
-def admin_family_deleted(family_id):
+@family_route('GET', '/admin/families/<family_id>/deleted')
+def admin_family_deleted(family):
     """PAGE_ROWS of the entries deleted in the last 30 days before `before` (a seq), newest first, each restorable."""
-    family, now = family_or_404(family_id), now_ms()
-    entries = deleted_entries(family_id, now, before=page_before(), limit=PAGE_ROWS + 1)
+    now = now_ms()
+    entries = deleted_entries(family['id'], now, before=page_before(), limit=PAGE_ROWS + 1)
     older = entries[PAGE_ROWS - 1]['seq'] if len(entries) > PAGE_ROWS else None
     entries = entries[:PAGE_ROWS]
     if wants_json():
@@ -2910,16 +2904,15 @@ def store_import(family, source, new):
     return added
 
 
-@app.post('/admin/families/<family_id>/import')
-@admin_required
-def admin_family_import(family_id):
+@family_route('POST', '/admin/families/<family_id>/import')
+def admin_family_import(family):
     """Read a babytrackd export or a Huckleberry CSV (multipart field `file`): preview it, or store it."""
-    family, as_json = family_or_404(family_id), wants_json()
+    as_json = wants_json()
     if as_json and not same_origin(request.environ):  # a browser's cross-site form cannot send the Accept header,
         bottle.abort(403, 'Import from this server\'s own pages.')  # but a cross-site script could post multipart
     form = {key: request.forms.getunicode(key) for key in request.forms} if as_json else form_body()
     try:
-        data = uploaded_file(family_id, form)
+        data = uploaded_file(family['id'], form)
         source, found, new = survey_import(family, data, now_ms())
         if form.get('preview') != '1':
             found['added'] = store_import(family, source, new)
@@ -2928,7 +2921,7 @@ def admin_family_import(family_id):
             raise
         response.status = 400
         return page('family', **family_page(family, None, {'import': str(error)}))
-    held = hold_import(family_id, data) if form.get('preview') == '1' and not as_json else None
+    held = hold_import(family['id'], data) if form.get('preview') == '1' and not as_json else None
     if as_json:
         return found
     day = lambda ms: f'{local_time(ms, family["tz"]):%-d %b %Y}'
