@@ -1674,18 +1674,20 @@ class Peer:
         self.last_heard = time.monotonic()
         self.ping_at = self.last_heard + random.uniform(0, WS_PING_INTERVAL)  # spread: no ping storms
 
-    def _write_loop(self):
-        """Write the queued frames in order, waiting for the socket as needed; end when none are left.
-        A frame leaves the queue once written, so an empty queue means nothing is half sent."""
+    def _write(self, wait=True):
+        """Write the queued frames in order until none are left: the writer greenlet waits for the socket,
+        the sender (not `wait`) writes what it takes at once. An empty queue means nothing is half sent."""
         try:
             while self.queue:
-                sent = self.sock.send(self.queue[0])
+                sent = self.sock.send(self.queue[0], 0, timeout=self.sock.timeout if wait else 0.0)
                 self.unsent -= sent
                 self.progress_at = time.monotonic()
                 if sent < len(self.queue[0]):
                     self.queue[0] = memoryview(self.queue[0])[sent:]  # no copy of a large frame per write
                 else:
                     self.queue.popleft()
+        except BlockingIOError:  # without `wait`: the writer greenlet takes over
+            self.progress_at = time.monotonic()
         except OSError:
             self.shutdown()
 
@@ -1701,26 +1703,15 @@ class Peer:
         if self.unsent + len(data) > WS_SEND_BUFFER:
             self.too_slow()
             return
+        self.unsent += len(data)
         if self.held is not None and not part and not data[0] & 0x08:  # only control frames may split a message
             self.held.append(data)
-            self.unsent += len(data)
             return
-        if not self.queue:  # the usual case: write now, never blocking the sender
-            try:
-                sent = self.sock.send(data, 0, timeout=0.0)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.shutdown()
-                return
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self.progress_at = time.monotonic()
         self.queue.append(data)
-        self.unsent += len(data)
-        if self.writer is None or self.writer.dead:
-            self.writer = gevent.spawn(self._write_loop)
+        if len(self.queue) == 1:  # the usual case: nothing waits, so write now, never blocking the sender
+            self._write(wait=False)
+        if self.queue and not self.closed and (self.writer is None or self.writer.dead):
+            self.writer = gevent.spawn(self._write)
 
     def too_slow(self):
         """Drop what waits (but the frame being written) and close with 1013: the peer cannot keep up."""
@@ -1891,17 +1882,17 @@ class Hub:
             if test(peer):
                 peer.close(code, reason)
 
-    def close_link(self, token, reason='link revoked'):
+    def close_link(self, token):
         """Close the sockets opened with a link."""
-        self.close_where(lambda peer: peer.token == token, CLOSE_REVOKED, reason)
+        self.close_where(lambda peer: peer.token == token, CLOSE_REVOKED, 'link revoked')
 
-    def close_family(self, family_id, reason='family archived'):
+    def close_family(self, family_id):
         """Close every socket of a family."""
-        self.close_where(lambda peer: peer.family_id == family_id, CLOSE_REVOKED, reason)
+        self.close_where(lambda peer: peer.family_id == family_id, CLOSE_REVOKED, 'family archived')
 
-    def close_all(self, code=CLOSE_GOING_AWAY, reason='server restarting'):
+    def close_all(self):
         """Close every socket (shutdown)."""
-        self.close_where(lambda peer: True, code, reason)
+        self.close_where(lambda peer: True, CLOSE_GOING_AWAY, 'server restarting')
 
     def tick(self, now_mono, now_wall):
         """Expire links, ping, drop the silent and finish unanswered closes."""
@@ -1947,9 +1938,9 @@ class Busy(Invalid):
 write_budgets = {}  # link token -> (messages left, when): outlives the link's sockets, so reconnecting refills nothing
 
 
-def spend_write(token, now=None):
+def spend_write(token):
     """Take one writing message from the link's budget (a token bucket); return 0, or the seconds to wait."""
-    now = time.monotonic() if now is None else now
+    now = time.monotonic()
     left, then = write_budgets.get(token, (WS_WRITE_BURST, now))
     left = min(WS_WRITE_BURST, left + (now - then) * WS_WRITE_RATE)
     if left < 1:
