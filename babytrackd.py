@@ -1460,9 +1460,8 @@ def authenticate(username, password):
         rounds = hash_cost(stored['password_hash']) if stored else BCRYPT_ROUNDS
         if not _DUMMY_HASH or hash_cost(_DUMMY_HASH) != rounds:
             _DUMMY_HASH = hash_password(secrets.token_hex(8), rounds)
-        password_matches(password, _DUMMY_HASH)
-        return None
-    return admin if password_matches(password, admin['password_hash']) else None
+    matches = password_matches(password, admin['password_hash'] if admin else _DUMMY_HASH)
+    return admin if admin and matches else None
 
 
 def session_key(token):
@@ -1472,8 +1471,7 @@ def session_key(token):
 
 def create_session(admin_id):
     """Start an admin session; return its cookie token."""
-    token = secrets.token_urlsafe(32)
-    now = now_ms()
+    token, now = secrets.token_urlsafe(32), now_ms()
     with transaction():
         db.execute('DELETE FROM admin_sessions WHERE expires_at < ?', (now,))
         db.execute('INSERT INTO admin_sessions (token, admin_id, expires_at, csrf) VALUES (?, ?, ?, ?)',
@@ -1483,10 +1481,8 @@ def create_session(admin_id):
 
 def get_session(token):
     """Return the live session for a cookie token (with the admin's username), or None."""
-    if not token:
-        return None
     return one("""SELECT s.*, a.username FROM admin_sessions s JOIN admins a ON a.id = s.admin_id
-                  WHERE s.token = ? AND s.expires_at > ?""", session_key(token), now_ms())
+                  WHERE s.token = ? AND s.expires_at > ?""", session_key(token), now_ms()) if token else None
 
 
 def end_session(token):
@@ -1505,9 +1501,9 @@ class RateLimiter:
     def retry_after(self, key, now=None):
         """Return the whole seconds until the address may try again (0 when it may now)."""
         now = time.time() if now is None else now
-        oldest = db.execute("""SELECT at FROM login_failures WHERE address = ? AND at > ?
-                               ORDER BY at DESC LIMIT 1 OFFSET ?""", (key, (now - self.window) * 1000, self.limit - 1)).fetchone()
-        return max(1, math.ceil(oldest[0] / 1000 + self.window - now)) if oldest else 0
+        oldest = one('SELECT at FROM login_failures WHERE address = ? AND at > ? ORDER BY at DESC LIMIT 1 OFFSET ?',
+                     key, (now - self.window) * 1000, self.limit - 1)
+        return max(1, math.ceil(oldest['at'] / 1000 + self.window - now)) if oldest else 0
 
     def fail(self, key, now=None):
         """Record one failure for the address, forgetting every failure whose window has passed."""
@@ -1545,41 +1541,36 @@ def log_in(address, username, password):
 # Hub ##########################################################################
 ###############################################################################
 
-# The sync protocol (PROTOCOL.md in the repository), server side:
-# - A device connects to /ws?family=ID&since=SEQ with its link cookie; it is registered, gets
-#   `init` (entries since SEQ, config, members, cursor), and every other device gets `presence`.
-#   A large `init` goes out as one fragmented message, read and sent as the socket drains.
-# - Each accepted write is committed first, then broadcast to every socket of the family, the
-#   sender included (its acknowledgement). Repeats and stale writes are answered to the sender.
-# - A frame goes straight to the socket when nothing waits and the kernel takes it whole; else it
-#   waits in the socket's queue for its one writer greenlet, which ends once the queue is empty.
-#   A device with over WS_SEND_BUFFER bytes unsent, or whose unsent bytes made no progress for
-#   30 s, is closed (1013), so one slow phone never delays the others nor fills the memory.
-# - The hub ticks every second: it pings each peer every WS_PING_INTERVAL (each at its own moment,
-#   so a thousand sockets never answer at once), drops peers silent for three intervals, closes
-#   links that expired, and finishes closes the peer did not answer.
+# The server side of PROTOCOL.md. Each socket is a Peer, registered per family in the Hub; it gets
+# `init` (read page by page as the socket drains), and every other device gets `presence`. Each
+# accepted write is committed first, then broadcast to the family, the sender included (its
+# acknowledgement). A frame goes straight to the socket when nothing waits and the kernel takes it
+# whole; else it waits in the peer's queue for its one writer greenlet, so one slow phone never
+# delays the others nor fills the memory (past WS_SEND_BUFFER, or 30 s without progress: 1013).
+# The hub ticks every second: pings (each peer at its own moment, so a thousand never answer at
+# once), silence, expired links and closes the peer did not answer.
 # gevent-websocket reads frames without a size cap, answers control frames from the reading
 # greenlet and drops close codes; this chapter reads and writes frames itself to fix all three.
 
-OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = (WebSocket.OPCODE_TEXT, WebSocket.OPCODE_BINARY,
-                                                 WebSocket.OPCODE_CLOSE, WebSocket.OPCODE_PING,
-                                                 WebSocket.OPCODE_PONG)
+OP_TEXT, OP_BINARY, OP_CLOSE = WebSocket.OPCODE_TEXT, WebSocket.OPCODE_BINARY, WebSocket.OPCODE_CLOSE
+OP_PING, OP_PONG = WebSocket.OPCODE_PING, WebSocket.OPCODE_PONG
 CLOSE_GOING_AWAY, CLOSE_PROTOCOL, CLOSE_UNSUPPORTED = 1001, 1002, 1003
 CLOSE_BAD_DATA, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, CLOSE_REVOKED = 1007, 1009, 1013, 4403
 WS_STALL_SECONDS = 30  # unsent data that makes no progress this long: the peer is not reading
 
 
 class CloseConnection(Exception):
-    """A peer broke the framing rules; close with this code and reason."""
-
-    def __init__(self, code, reason):
-        super().__init__(reason)
-        self.code, self.reason = code, reason
+    """A peer broke the framing rules: close with args (code, reason)."""
 
 
-def frame(opcode, payload=b''):
-    """Return one unmasked, final WebSocket frame."""
-    return Header.encode_header(True, opcode, b'', len(payload), 0) + payload
+def encode(message):
+    """Return a message as compact JSON, as the server writes every message."""
+    return json.dumps(message, separators=(',', ':'))
+
+
+def frame(opcode, payload=b'', fin=True):
+    """Return one unmasked WebSocket frame (with fin=False, not the message's last)."""
+    return Header.encode_header(fin, opcode, b'', len(payload), 0) + payload
 
 
 def unmask(payload, mask):
@@ -1587,6 +1578,14 @@ def unmask(payload, mask):
     size = len(payload)
     key = int.from_bytes((mask * (size // 4 + 1))[:size], 'big')
     return (int.from_bytes(payload, 'big') ^ key).to_bytes(size, 'big')
+
+
+def utf8(data, reason):
+    """Return data decoded as UTF-8, else close the connection (1007) with the reason."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise CloseConnection(CLOSE_BAD_DATA, reason) from None
 
 
 class Peer:
@@ -1599,62 +1598,49 @@ class Peer:
         self.ws, self.sock = ws, ws.handler.socket
         self.family_id, self.token = link['family_id'], link['token']
         self.label, self.expires_at = link['label'] or 'device', link['expires_at']
-        self.queue = deque()
+        self.queue, self.writer, self.closing_since, self.closed = deque(), None, None, False
         self.unsent, self.progress_at, self.held = 0, None, None  # bytes queued; last write; see send_parts
         self.last_heard = time.monotonic()
         self.ping_at = self.last_heard + random.uniform(0, WS_PING_INTERVAL)  # spread: no ping storms
-        self.closing_since = None
-        self.closed = False
-        self.writer = None
 
-    def _write_loop(self):
-        """Write the queued frames in order, waiting for the socket as needed; end when none are left.
-        A frame leaves the queue once written, so an empty queue means nothing is half sent."""
+    def _write(self, wait=True):
+        """Write the queued frames in order until none are left: the writer greenlet waits for the socket,
+        the sender (not `wait`) writes what it takes at once. An empty queue means nothing is half sent."""
         try:
             while self.queue:
-                sent = self.sock.send(self.queue[0])
+                sent = self.sock.send(self.queue[0], 0, timeout=self.sock.timeout if wait else 0.0)
                 self.unsent -= sent
                 self.progress_at = time.monotonic()
                 if sent < len(self.queue[0]):
                     self.queue[0] = memoryview(self.queue[0])[sent:]  # no copy of a large frame per write
                 else:
                     self.queue.popleft()
+        except BlockingIOError:  # without `wait`: the writer greenlet takes over
+            self.progress_at = time.monotonic()
         except OSError:
             self.shutdown()
 
-    def send(self, text):
-        """Send a text message (see send_frame)."""
-        self.send_frame(frame(OP_TEXT, text.encode()))
+    def send(self, message):
+        """Send a message as one text frame (see send_frame)."""
+        self.send_frame(frame(OP_TEXT, encode(message).encode()))
 
     def send_frame(self, data, part=False):
-        """Send one frame: at once while the socket takes it, else queued for a writer greenlet.
-        A peer with more than WS_SEND_BUFFER bytes unsent cannot keep up: it is closed (1013), the
-        others never wait for it. While a message goes out in parts, other messages wait in `held`."""
+        """Send one frame: at once while the socket takes it, else queued for a writer greenlet; a peer
+        past WS_SEND_BUFFER is closed. While a message goes out in parts, other messages wait in `held`."""
         if self.closing_since is not None:
             return
         if self.unsent + len(data) > WS_SEND_BUFFER:
             self.too_slow()
             return
+        self.unsent += len(data)
         if self.held is not None and not part and not data[0] & 0x08:  # only control frames may split a message
             self.held.append(data)
-            self.unsent += len(data)
             return
-        if not self.queue:  # the usual case: write now, never blocking the sender
-            try:
-                sent = self.sock.send(data, 0, timeout=0.0)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.shutdown()
-                return
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self.progress_at = time.monotonic()
         self.queue.append(data)
-        self.unsent += len(data)
-        if self.writer is None or self.writer.dead:
-            self.writer = gevent.spawn(self._write_loop)
+        if len(self.queue) == 1:  # the usual case: nothing waits, so write now, never blocking the sender
+            self._write(wait=False)
+        if self.queue and not self.closed and (self.writer is None or self.writer.dead):
+            self.writer = gevent.spawn(self._write)
 
     def too_slow(self):
         """Drop what waits (but the frame being written) and close with 1013: the peer cannot keep up."""
@@ -1667,8 +1653,7 @@ class Peer:
 
     def send_parts(self, parts):
         """Send one text message made of parts: whole when small, else in fragments of about 64 KiB,
-        each once the socket has taken the one before, so a large message never waits in memory
-        whole. Other messages wait (in `held`, counted as unsent) until it is done."""
+        each once the socket has taken the one before, so a large message never waits in memory whole."""
         self.held, opcode, pending = [], OP_TEXT, b''
         for part in parts:
             pending += part.encode()
@@ -1678,11 +1663,11 @@ class Peer:
                 self.writer.join()  # ends when the queue is empty, or when the socket is shut down
             if self.closing_since is not None:
                 break
-            self.send_frame(Header.encode_header(False, opcode, b'', len(pending), 0) + pending, part=True)
+            self.send_frame(frame(opcode, pending, fin=False), part=True)
             opcode, pending = 0, b''  # continuation frames from here on
             gevent.sleep(0)  # a long init never holds up the other sockets
         held, self.held = self.held, None
-        self.send_frame(Header.encode_header(True, opcode, b'', len(pending), 0) + pending)
+        self.send_frame(frame(opcode, pending))
         self.unsent -= sum(map(len, held))
         for data in held:
             self.send_frame(data)
@@ -1706,13 +1691,24 @@ class Peer:
         except OSError:
             pass
 
-    def drain(self, seconds=1):
-        """Discard what the peer still sends until it closes, so our close frame is not lost to a reset."""
-        with gevent.Timeout(seconds, False):
-            while self.sock.recv(65536):
-                pass
-
     def receive(self):
+        """Return the next text message, or None once the connection is over (closed as it must be)."""
+        try:
+            text = self.read_message()
+        except CloseConnection as error:
+            stats['messages_refused'] += 1
+            self.close(*error.args)
+            with gevent.Timeout(1, False):  # read until the peer closes, so our close frame is not lost to a reset
+                while self.sock.recv(65536):
+                    pass
+            return None
+        except (OSError, WebSocketError):  # the peer vanished: EOF or reset
+            return None
+        if text is None:
+            self.close(1000)
+        return text
+
+    def read_message(self):
         """Return the next text message, or None when the peer has gone; raise CloseConnection on abuse."""
         parts, size, opcode = [], 0, None
         stream = self.ws.stream
@@ -1732,19 +1728,14 @@ class Peer:
             payload = unmask(payload, header.mask)
             self.last_heard = time.monotonic()
             if header.opcode == OP_CLOSE:  # RFC 6455 7.4: no code, or one that may be sent, then UTF-8
-                code = struct.unpack('!H', payload[:2])[0] if len(payload) >= 2 else None
-                if len(payload) == 1 or code is not None and not (1000 <= code <= 1003 or 1007 <= code <= 1014
-                                                                  or 3000 <= code <= 4999):
+                code = int.from_bytes(payload[:2], 'big') if payload else 1000  # a lone byte is no code
+                if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
                     raise CloseConnection(CLOSE_PROTOCOL, 'close code not allowed')
-                try:
-                    payload[2:].decode('utf-8')
-                except UnicodeDecodeError:
-                    raise CloseConnection(CLOSE_BAD_DATA, 'close reason must be UTF-8') from None
+                utf8(payload[2:], 'close reason must be UTF-8')
                 return None
             if header.opcode == OP_PING:
                 self.send_frame(frame(OP_PONG, payload))
-                continue
-            if header.opcode == OP_PONG:
+            if header.opcode in (OP_PING, OP_PONG):
                 continue
             if header.opcode in (OP_TEXT, OP_BINARY):
                 if opcode is not None:
@@ -1757,10 +1748,7 @@ class Peer:
                 break
         if opcode == OP_BINARY:
             raise CloseConnection(CLOSE_UNSUPPORTED, 'binary messages are not accepted')
-        try:
-            return b''.join(parts).decode('utf-8')
-        except UnicodeDecodeError:
-            raise CloseConnection(CLOSE_BAD_DATA, 'messages must be UTF-8 text') from None
+        return utf8(b''.join(parts), 'messages must be UTF-8 text')
 
 
 class Hub:
@@ -1770,8 +1758,15 @@ class Hub:
         self.families = {}  # family id -> set of Peer
 
     def start(self):
-        """Start the once-a-second heartbeat."""
-        gevent.spawn(self._tick_loop)
+        """Start the once-a-second heartbeat (twice a ping interval, when that is shorter)."""
+        def beat():
+            while True:
+                gevent.sleep(min(1.0, WS_PING_INTERVAL / 2))
+                try:
+                    self.tick(time.monotonic(), now_ms())
+                except Exception:
+                    log.exception('hub tick failed')
+        gevent.spawn(beat)
 
     def peers(self, family_id=None):
         """Return a copy of the family's peers (or every peer), safe to iterate while others change."""
@@ -1798,21 +1793,17 @@ class Hub:
             group.discard(peer)
             if not group:
                 del self.families[peer.family_id]
-            self.presence(peer.family_id)
+            self.broadcast(peer.family_id, {'type': 'presence', 'members': self.members(peer.family_id)})
         if peer.closing_since is not None and not peer.closed and peer.writer is not None:
             peer.writer.join(timeout=1)  # let the queued close frame go out first
         peer.shutdown()
 
     def broadcast(self, family_id, message):
         """Send one message to every socket of the family (encoded and framed once)."""
-        data = frame(OP_TEXT, json.dumps(message, separators=(',', ':')).encode())
+        data = frame(OP_TEXT, encode(message).encode())
         for peer in self.peers(family_id):
             peer.send_frame(data)
         stats['messages_out'] += len(self.families.get(family_id, ()))
-
-    def presence(self, family_id):
-        """Tell the family's sockets who is online."""
-        self.broadcast(family_id, {'type': 'presence', 'members': self.members(family_id)})
 
     def close_where(self, test, code, reason):
         """Close every peer for which test(peer) is true."""
@@ -1820,17 +1811,17 @@ class Hub:
             if test(peer):
                 peer.close(code, reason)
 
-    def close_link(self, token, reason='link revoked'):
+    def close_link(self, token):
         """Close the sockets opened with a link."""
-        self.close_where(lambda peer: peer.token == token, CLOSE_REVOKED, reason)
+        self.close_where(lambda peer: peer.token == token, CLOSE_REVOKED, 'link revoked')
 
-    def close_family(self, family_id, reason='family archived'):
+    def close_family(self, family_id):
         """Close every socket of a family."""
-        self.close_where(lambda peer: peer.family_id == family_id, CLOSE_REVOKED, reason)
+        self.close_where(lambda peer: peer.family_id == family_id, CLOSE_REVOKED, 'family archived')
 
-    def close_all(self, code=CLOSE_GOING_AWAY, reason='server restarting'):
+    def close_all(self):
         """Close every socket (shutdown)."""
-        self.close_where(lambda peer: True, code, reason)
+        self.close_where(lambda peer: True, CLOSE_GOING_AWAY, 'server restarting')
 
     def tick(self, now_mono, now_wall):
         """Expire links, ping, drop the silent and finish unanswered closes."""
@@ -1849,14 +1840,6 @@ class Hub:
             elif now_mono >= peer.ping_at:
                 peer.ping_at = now_mono + WS_PING_INTERVAL
                 peer.send_frame(frame(OP_PING))
-
-    def _tick_loop(self):
-        while True:
-            gevent.sleep(min(1.0, WS_PING_INTERVAL / 2))
-            try:
-                self.tick(time.monotonic(), now_ms())
-            except Exception:
-                log.exception('hub tick failed')
 
 
 hub = Hub()
@@ -1877,20 +1860,16 @@ def parse_message(text):
 
 
 class Busy(Invalid):
-    """A message refused for a while, not for what it says: the answer names no id, so the device
-    keeps it and sends it again after `retry_after` seconds."""
-
-    def __init__(self, reason, retry_after):
-        super().__init__(reason)
-        self.retry_after = retry_after
+    """A message refused for a while, not for what it says: Busy(reason, retry_after). The answer names
+    no id, so the device keeps it and sends it again after `retry_after` seconds."""
 
 
 write_budgets = {}  # link token -> (messages left, when): outlives the link's sockets, so reconnecting refills nothing
 
 
-def spend_write(token, now=None):
+def spend_write(token):
     """Take one writing message from the link's budget (a token bucket); return 0, or the seconds to wait."""
-    now = time.monotonic() if now is None else now
+    now = time.monotonic()
     left, then = write_budgets.get(token, (WS_WRITE_BURST, now))
     left = min(WS_WRITE_BURST, left + (now - then) * WS_WRITE_RATE)
     if left < 1:
@@ -1907,12 +1886,10 @@ def spend_write(token, now=None):
 def handle_message(peer, message):
     """Act on one client message: store, then broadcast or answer the sender."""
     kind = message.get('type')
-    if kind in ('entry', 'config'):
-        wait = spend_write(peer.token)
-        if wait:
-            raise Busy('too many messages', wait)
+    if kind in ('entry', 'config') and (wait := spend_write(peer.token)):
+        raise Busy('too many messages', wait)
     if kind == 'ping':
-        peer.send('{"type":"pong"}')
+        peer.send({'type': 'pong'})
     elif kind == 'entry':
         outcome, action, entry = apply_entry(peer.family_id, message.get('action'), message, peer.label)
         reply = {'type': 'entry', 'action': action, 'entry': entry}
@@ -1920,25 +1897,25 @@ def handle_message(peer, message):
             stats['entries_accepted'] += 1
             hub.broadcast(peer.family_id, reply)
         else:  # `stale` tells the app its write lost, so it can let the outbox item go
-            peer.send(json.dumps(dict(reply, stale=True) if outcome == 'stale' else reply, separators=(',', ':')))
+            peer.send(dict(reply, stale=True) if outcome == 'stale' else reply)
     elif kind == 'config':
-        data = save_config(peer.family_id, message.get('data'))
-        hub.broadcast(peer.family_id, {'type': 'config', 'data': data})
+        hub.broadcast(peer.family_id, {'type': 'config', 'data': save_config(peer.family_id, message.get('data'))})
     else:
         raise Invalid('type must be entry, config or ping')
 
 
 def refusal(error, message):
     """Return the error message for a refused client message, naming its entry id when it had one."""
-    reply = {'type': 'error', 'error': str(error)}
     if isinstance(error, Busy):
-        return json.dumps(dict(reply, retry_after=error.retry_after))
-    entry = message.get('entry') if isinstance(message, dict) else None
-    entry_id = message.get('id') if isinstance(message, dict) and 'id' in message else (
-        entry.get('id') if isinstance(entry, dict) else None)
+        reason, retry_after = error.args
+        return {'type': 'error', 'error': reason, 'retry_after': retry_after}
+    reply = {'type': 'error', 'error': str(error)}
+    message = message or {}
+    entry = message.get('entry')
+    entry_id = message.get('id', entry.get('id') if isinstance(entry, dict) else None)
     if isinstance(entry_id, str) and ID_PATTERN.fullmatch(entry_id):
         reply['id'] = entry_id
-    return json.dumps(reply)
+    return reply
 
 
 def serve_socket(ws, link, since, after=None):
@@ -1950,28 +1927,15 @@ def serve_socket(ws, link, since, after=None):
         if check_link(peer.token)[1]:  # revoked or archived while the handshake was in flight
             peer.close(CLOSE_REVOKED, 'link revoked')
         members, cursor = hub.members(family_id), family_cursor(family_id)
-        rest = json.dumps({'config': get_config(family_id), 'members': members, 'cursor': cursor,
-                           'plan': get_plan(family_id), 'notes': list_notes(family_id, now_ms() - 60 * DAY_MS)},
-                          separators=(',', ':'))
-        presence = json.dumps({'type': 'presence', 'members': members})
+        rest = encode({'config': get_config(family_id), 'members': members, 'cursor': cursor,
+                       'plan': get_plan(family_id), 'notes': list_notes(family_id, now_ms() - 60 * DAY_MS)})
+        presence = frame(OP_TEXT, encode({'type': 'presence', 'members': members}).encode())
         for other in hub.peers(family_id):
             if other is not peer:
-                other.send(presence)
+                other.send_frame(presence)
         entries = entries_json(family_id, since, cursor, after)  # read page by page while the init goes out
         peer.send_parts(chain(['{"type":"init","entries":['], entries, [f'],{rest[1:]}']))
-        while True:
-            try:
-                text = peer.receive()
-            except CloseConnection as error:
-                stats['messages_refused'] += 1
-                peer.close(error.code, error.reason)
-                peer.drain()
-                break
-            except (OSError, WebSocketError):  # the peer vanished: EOF or reset
-                break
-            if text is None:
-                peer.close(1000)
-                break
+        while (text := peer.receive()) is not None:
             if peer.closing_since is not None:
                 continue  # we said goodbye (revoked, expired, archived): read until it answers, act on nothing
             stats['messages_in'] += 1
