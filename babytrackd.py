@@ -243,7 +243,8 @@ MIGRATIONS = [
 
 
 def migrate(db):
-    """Bring the schema up to the newest version, one migration per transaction, after copying an older file aside."""
+    """Bring the schema up to the newest version, one migration per transaction; an older file is first
+    copied (SQLite's backup) to backups/before-migration-<version>.db beside it."""
     version = db.execute('PRAGMA user_version').fetchone()[0]
     path = db.execute('PRAGMA database_list').fetchone()[2]
     if 0 < version < len(MIGRATIONS) and path:
@@ -346,18 +347,20 @@ def rows(sql, *args):
     return [dict(r) for r in db.execute(sql, args)]
 
 
-def apart(function, *args):
-    """Return function(*args), run at idle CPU priority in gevent's threadpool while the loop serves sockets."""
+def apart(function, *args, idle=True):
+    """Return function(*args), run in gevent's threadpool while the loop serves sockets; `idle`: at idle CPU
+    priority, so it only runs when the loop leaves a CPU free (README "Performance", and its one hazard)."""
     def run():
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # Linux: this thread only
+        try:  # Linux, this thread only
+            os.sched_setscheduler(0, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
         except (AttributeError, OSError):  # another system, or a sandbox that forbids it: as it was
             pass
         return function(*args)
     return gevent.get_hub().threadpool.apply(run)
 
 
-reader = threading.local()  # each worker thread's own read connection: path, conn
+readers = []  # every worker thread's read connection, closed at shutdown
+reader = threading.local()  # this worker thread's: key (path, inode) and conn
 
 
 def read_apart(sql, args):
@@ -365,11 +368,15 @@ def read_apart(sql, args):
     path = db.execute('PRAGMA database_list').fetchone()[2]
 
     def run():
-        if getattr(reader, 'path', None) != path:  # the thread's first read, or another database (tests)
+        key = (path, os.stat(path).st_ino)  # another file at the path (a test's, a restore's) is another database
+        if getattr(reader, 'key', None) != key:  # kept: opening one costs ~0.3 ms (the schema is read again)
             if getattr(reader, 'conn', None):
+                readers.remove(reader.conn)
                 reader.conn.close()
-            reader.path, reader.conn = path, sqlite3.connect(path)
+            reader.key, reader.conn = key, sqlite3.connect(path, check_same_thread=False)
             reader.conn.row_factory = sqlite3.Row  # tuples that can also be read by column name
+            reader.conn.execute('PRAGMA cache_size = -1024')  # 1 MiB each, at most one per pool thread
+            readers.append(reader.conn)
         return reader.conn.execute(sql, args).fetchall()
     return apart(run)
 
@@ -405,7 +412,7 @@ def parse_json(text):
 
 def check_text(value, name, low, high):
     """Return value if it is a string of low..high characters, else raise Invalid."""
-    if not isinstance(value, str):  # no require(): every synced entry comes here, so no message is built unless needed
+    if not isinstance(value, str):  # not require(): this runs for every text of every synced entry
         raise Invalid(f'{name} must be text')
     try:
         value.encode()
@@ -1105,11 +1112,11 @@ def counted_labels(config):
             for group in config if group.get('stateful')}
 
 
-def spans_between(windows, apart=False):
+def spans_between(windows, threaded=False):
     """Return the states inside each window (family_id, category, start, stop), in window order, as
     (family_id, category, label, since, start, end); `since` is when the state began, before `start`
-    for the one that carries in. A state lasts until the next entry of its category. `apart`: the
-    query runs off the loop (worth it for many windows, not for a few: the hand-over costs ~1 ms)."""
+    for the one that carries in. A state lasts until the next entry of its category. `threaded`: the
+    query runs apart from the loop (worth it for many windows, not for a few: the hand-over costs ~1 ms)."""
     if not windows:
         return []
     # Pairing each change with the next here costs less than half of SQLite's LEAD() (measured: readme-perf.md).
@@ -1121,14 +1128,14 @@ def spans_between(windows, apart=False):
                                 AND NOT p.deleted AND p.ts < w.start ORDER BY ts DESC LIMIT 1), w.start)
         ORDER BY w.n, e.ts, e.id"""
     args = [value for n, window in enumerate(windows) for value in (n, *window)]
-    found = read_apart(sql, args) if apart else db.execute(sql, args).fetchall()
+    found = read_apart(sql, args) if threaded else db.execute(sql, args).fetchall()
     spans = []
     for row, ((n, family_id, category, label, since, start, stop), following) in enumerate(
             zip(found, found[1:] + [(None,) * 7])):
         begin, finish = max(since, start), following[4] if following[0] == n else stop
         if finish > begin:
             spans.append((family_id, category, label, since, begin, finish))
-        if apart and row % 500 == 499:
+        if threaded and row % 500 == 499:
             gevent.idle()  # many windows: the sockets get a turn between slices of the pairing
     return spans
 
@@ -1177,7 +1184,7 @@ def families_today(families, now):
     today = {family_id: {'states': [], 'totals': {'sleep_minutes': 0, 'feeds': 0, 'wet': 0, 'dirty': 0}}
              for family_id in days}
     spans = spans_between([(family_id, category, start, now) for family_id, (start, _) in days.items()
-                           for category in counted[family_id]], apart=True)
+                           for category in counted[family_id]], threaded=True)
     gevent.idle()
     for family_id, category, label, since, begin, finish in spans:
         if category == 'sleep' and label in counted[family_id][category]:
@@ -1384,7 +1391,8 @@ def family_flags(families, now):
             said.append(('quiet', 'No entries yet' if hours is None else f'No entries for {hours} h' if hours < 48
                          else f'No entries for {hours // 24} days'))
         plan, minutes = json.loads(row['plan'] or 'null'), round((row['asleep_ms'] or 0) / 60000)
-        short = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 - 60 if plan else 599  # or less
+        # the longest night that is short: an hour under the plan's, or with no plan just under 10 h
+        short = (day_minute(plan['wake']) - day_minute(plan['bedtime'])) % 1440 - 60 if plan else 599
         if minutes and minutes <= short:  # a night with no sleep logged at all is for `quiet` and `state_stuck` to say
             said.append(('short_night', f'Short night: {hm(minutes)}'))
         if (row['wakings'] or 0) >= 3:
@@ -1407,15 +1415,15 @@ def family_flags(families, now):
 ###############################################################################
 
 def hash_password(password, rounds=BCRYPT_ROUNDS):
-    """Return the bcrypt hash of a password (run apart)."""
-    return apart(bcrypt.hashpw, password.encode()[:72], bcrypt.gensalt(rounds)).decode()
+    """Return the bcrypt hash of a password (run apart; bcrypt drops the GIL, so at normal priority)."""
+    return apart(bcrypt.hashpw, password.encode()[:72], bcrypt.gensalt(rounds), idle=False).decode()
 
 
 def password_matches(password, password_hash):
     """Tell whether the password matches the bcrypt hash (run apart)."""
     try:
         # bcrypt reads 72 bytes at most; bcrypt 5 refuses longer passwords rather than cut them
-        return apart(bcrypt.checkpw, password.encode()[:72], password_hash.encode())
+        return apart(bcrypt.checkpw, password.encode()[:72], password_hash.encode(), idle=False)
     except ValueError:
         return False
 
@@ -1728,7 +1736,7 @@ class Peer:
             payload = unmask(payload, header.mask)
             self.last_heard = time.monotonic()
             if header.opcode == OP_CLOSE:  # RFC 6455 7.4: no code, or one that may be sent, then UTF-8
-                code = int.from_bytes(payload[:2], 'big') if payload else 1000  # a lone byte is no code
+                code = int.from_bytes(payload[:2], 'big') if payload else 1000  # a lone byte reads as a code under 1000
                 if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
                     raise CloseConnection(CLOSE_PROTOCOL, 'close code not allowed')
                 utf8(payload[2:], 'close reason must be UTF-8')
@@ -2505,17 +2513,17 @@ def editor_typed(data):
 
 def editor_config(groups):
     """Return the button groups that the editor's rows describe, in their order, or raise Invalid."""
-    def ordered(rows, what):
-        for order in (row['order'].strip() for row in rows):
+    def ordered(items, what):
+        for order in (item['order'].strip() for item in items):
             if order and not re.fullmatch(r'-?\d{1,6}', order):
                 raise Invalid(f'The order of {what} must be a whole number, not "{order}".')
-        return sorted(rows, key=lambda row: int(row['order'].strip() or 10**6))  # stable: ties keep their place
+        return sorted(items, key=lambda item: int(item['order'].strip() or 10**6))  # stable: ties keep their place
     config = []
     for group in ordered(groups, 'a group'):
         name, stateful = group['category'].strip(), group['stateful']
-        rows = ordered(group['buttons'], f'a button in "{name}"')
+        in_order = ordered(group['buttons'], f'a button in "{name}"')
         buttons = [{'label': b['label'].strip(), **{f: b[f] for f in ('timing', 'counted') if b[f] or stateful}}
-                   for b in rows if b['label'].strip() and not b['remove']]
+                   for b in in_order if b['label'].strip() and not b['remove']]
         if group['remove'] or not (name or buttons):  # removed, or an empty row left as it was
             continue
         if not name:
@@ -3243,6 +3251,8 @@ def shutdown(server):
         peer.shutdown()
     server.stop(timeout=3)
     gevent.get_hub().threadpool.join()  # a checkpoint or backup still running in a thread
+    for conn in readers:  # the last connection to close takes the -wal and -shm files with it
+        conn.close()
     if db.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0]:
         log.warning('the last checkpoint was busy; SQLite replays the WAL at the next start')
     db.close()

@@ -51,7 +51,8 @@ class Server:
                         BCRYPT_ROUNDS='4', LOG_FORMAT='json', LOG_LEVEL='info', BACKUP_KEEP='0')
         self.env.update({key: str(value) for key, value in env.items()})
         self.env.pop('BABYTRACKD_NO_PATCH', None)  # the server itself runs on gevent
-        self.env['PYTHONPATH'] = HERE  # where -m finds the module; the process works in `directory`
+        # where -m finds the module (the process works in `directory`), before any path the run was given
+        self.env['PYTHONPATH'] = os.pathsep.join(filter(None, [HERE, os.environ.get('PYTHONPATH')]))
         self.proc = None
         self.start()
 

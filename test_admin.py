@@ -573,8 +573,9 @@ def test_templates_escape_everything_but_the_layout():
     for name in os.listdir(views):
         with open(os.path.join(views, name)) as template:
             text = template.read()
-        # base.tpl places the page; tz_select.tpl places zone_options(), built once from escaped zone names
-        assert ('{{!' in text) == (name in ('base.tpl', 'tz_select.tpl')), name
+        if name == 'tz_select.tpl':  # zone_options() builds its <option>s once, from escaped zone names
+            text = text.replace('{{!zone_options(selected)}}', '', 1)
+        assert ('{{!' in text) == (name == 'base.tpl'), name
         assert 'style=' not in text and not re.search(r'<script(?![^>]*\bsrc=)', text), name
 
 
