@@ -67,12 +67,13 @@ def build_family(server, admin, days, per_day):
     link = admin.create_link(family['id'], "Mum's phone")
     server.stop()
     db = sqlite3.connect(server.db_path)
-    seq = db.execute('SELECT COALESCE(MAX(seq), 0) FROM entries').fetchone()[0]
+    seq = db.execute('SELECT COALESCE(MAX(seq), 0) FROM changes').fetchone()[0]
     found = [row + (seq + i + 1,) for i, row in enumerate(year_of_entries(family['id'], days, per_day,
                                                                           int(time.time() * 1000)))]
     with db:
         db.executemany('INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, by, seq) '
                        'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)', found)
+        conftest.log_changes(db)
     db.close()
     server.start()
     admin.login()

@@ -25,6 +25,8 @@ import urllib.request
 
 import bcrypt
 
+from conftest import log_changes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PASSWORD = 'hostile bench password'
 ROWS = []
@@ -159,12 +161,13 @@ def memory(target, megabytes=20, sockets=6, watch=40):
     count = megabytes * 1000
     base = int(time.time() * 1000) - 86_400_000
     conn = sqlite3.connect(target.db_path, timeout=30)
-    top = conn.execute('SELECT COALESCE(MAX(seq), 0) FROM entries').fetchone()[0]
+    top = conn.execute('SELECT COALESCE(MAX(seq), 0) FROM changes').fetchone()[0]
     with conn:
         conn.executemany('INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by) '
                          'VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)',
                          [(f'big{n}', target.family, base + n, 'feed', value, base + n, top + 1 + n, 'bench')
                           for n in range(count)])
+        log_changes(conn)
     conn.close()
     before = target.rss_mb()
     links = [target.link() for _ in range(sockets)]

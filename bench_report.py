@@ -21,6 +21,7 @@ import time
 import zoneinfo
 
 import babytrackd as bt
+from conftest import log_changes
 
 ZONES = ['Europe/London', 'Australia/Sydney', 'America/New_York', 'UTC']
 PLAN = {'wake': '07:00', 'naps': [{'start': '09:30', 'end': '11:00'}], 'bedtime': '19:00'}
@@ -51,6 +52,7 @@ def fill(families, days, now, rng):
     with bt.transaction():
         bt.db.executemany("""INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by)
                              VALUES (?, ?, ?, ?, ?, 0, ?, ?, 'bench')""", rows)
+        log_changes(bt.db)
     bt.db.execute('ANALYZE')  # the statistics the server's periodic PRAGMA optimize gathers
     return len(rows)
 

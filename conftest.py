@@ -28,6 +28,14 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def log_changes(conn):
+    """Give entries written straight into the database their change-log rows, as migration 2 does: the server
+    takes the next seq from the change log, so every entry's seq must be there."""
+    conn.execute("""INSERT INTO changes (seq, entry_id, family_id, ts, type, value, deleted, updated_at, by, at)
+                    SELECT seq, id, family_id, ts, type, value, deleted, updated_at, by, updated_at FROM entries
+                    WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM changes)""")
+
+
 def wait_for(condition, timeout=5.0, interval=0.01, message='condition'):
     """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

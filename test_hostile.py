@@ -19,7 +19,7 @@ import bcrypt
 import pytest
 import websocket
 
-from conftest import ADMIN_PASSWORD, AdminClient, Device, Server, close_code, wait_for
+from conftest import ADMIN_PASSWORD, AdminClient, Device, Server, close_code, log_changes, wait_for
 
 
 def now_ms():
@@ -44,13 +44,14 @@ def admin_for(server):
 def seed_entries(server, family_id, count, value_size):
     """Write `count` entries straight into the server's SQLite file (the protocol's budget would take minutes)."""
     conn = sqlite3.connect(server.db_path, timeout=30)
-    top = conn.execute('SELECT COALESCE(MAX(seq), 0) FROM entries').fetchone()[0]
+    top = conn.execute('SELECT COALESCE(MAX(seq), 0) FROM changes').fetchone()[0]
     base = now_ms() - 86_400_000
     with conn:
         conn.executemany('INSERT INTO entries (id, family_id, ts, type, value, deleted, updated_at, seq, by) '
                          'VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)',
                          [(f'seed{n}', family_id, base + n, 'feed', 'v' * value_size, base + n, top + 1 + n, 'seed')
                           for n in range(count)])
+        log_changes(conn)
     conn.close()
     return top + count
 
