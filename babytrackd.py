@@ -3086,7 +3086,7 @@ def checkpoint_loop():
         if written >= CHECKPOINT_ROWS or written and time.monotonic() - last >= 1:
             done, last = db.total_changes, time.monotonic()
             try:
-                apart(on_own_connection, DB_PATH, lambda conn: conn.execute('PRAGMA wal_checkpoint(PASSIVE)'))
+                read_apart('PRAGMA wal_checkpoint(PASSIVE)', ())  # a worker's kept connection: fewer turns of the GIL
                 if db.total_changes - done < 100:  # a starved thread leaves more: the bound's checkpoint copies it
                     db.execute('PRAGMA wal_checkpoint(PASSIVE)')
             except sqlite3.Error:
