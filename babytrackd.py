@@ -3067,24 +3067,20 @@ def probe_storage():
         storage['faults'] = faults  # the same fault, not a new one
 
 
-CHECKPOINT_ROWS = 300  # rows written (~1,200 WAL frames) that bring the next checkpoint forward
-
-
 def checkpoint_loop():
-    """A second after writes (sooner when CHECKPOINT_ROWS pile up), copy the WAL into the database from a
-    thread, then copy on the loop the few frames written meanwhile (about a ms), so the next write starts
-    the WAL over. The WAL starts over only when a write begins with all of it copied: under writes that
-    never pause the thread never gets there, and SQLite's own checkpoint inside a commit (serve() keeps
-    it as the bound, 4,000 frames) held the loop 4-15 ms copying them."""
-    done, probed, last = db.total_changes, 0, time.monotonic()
+    """Once a second after writes, copy the WAL into the database from a thread, then copy on the loop the
+    few frames written meanwhile (about a ms), so the next write starts the WAL over. The WAL starts over
+    only when a write begins with all of it copied: under steady writes the thread alone never got there,
+    and SQLite's own checkpoint inside a commit (serve() keeps it as the bound, 4,000 frames: writes
+    faster than ~500 a second still reach it) held the loop 4-15 ms every second or so."""
+    done, probed = db.total_changes, 0
     while True:
-        gevent.sleep(0.1)
+        gevent.sleep(1)
         if storage['fault'] and time.monotonic() - probed >= STORAGE_RETRY:
             probe_storage()
             probed = time.monotonic()
-        written = db.total_changes - done
-        if written >= CHECKPOINT_ROWS or written and time.monotonic() - last >= 1:
-            done, last = db.total_changes, time.monotonic()
+        if db.total_changes != done:
+            done = db.total_changes
             try:
                 read_apart('PRAGMA wal_checkpoint(PASSIVE)', ())  # a worker's kept connection: fewer turns of the GIL
                 if db.total_changes - done < 100:  # a starved thread leaves more: the bound's checkpoint copies it
