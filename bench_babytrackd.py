@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import site
 import socket
@@ -473,6 +474,7 @@ def run(args):
                 client.close()
     finally:
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # the databases: up to 120 MB a run
     results['machine'] = f'{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}'
     results['no_pth'] = args.no_pth
     probe = subprocess.Popen([sys.executable] + (['-S'] if args.no_pth else []) + ['-c', 'import time; time.sleep(1)'])
@@ -584,6 +586,7 @@ def run_practice(args):
         results['practice_reload_ms'] = statistics.median(reloads)
     finally:
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 
