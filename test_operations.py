@@ -201,6 +201,10 @@ def test_an_old_database_is_copied_before_it_is_upgraded(bt, tmp_path):
     assert bt.db.execute('PRAGMA user_version').fetchone()[0] == len(bt.MIGRATIONS)
     assert bt.get_family('f1')['name'] == 'Baby Old'
     assert bt.db.execute("SELECT night_start FROM families WHERE id = 'f1'").fetchone()[0] == '19:00'
+    # the old entry is in the change log, so the next write's seq follows it and last activity is its time
+    assert bt.list_families()[0]['last_activity'] == 1700000000000
+    assert bt.apply_entry('f1', 'add', {'entry': {'id': 'e2', 'ts': 1700000060000, 'type': 'feed', 'value': 'bottle'}},
+                          'Mum')[2]['seq'] == 2
     copy = tmp_path / 'old' / 'backups' / 'before-migration-1.db'
     with sqlite3.connect(copy) as kept:
         assert kept.execute('PRAGMA user_version').fetchone()[0] == 1
