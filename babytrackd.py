@@ -855,7 +855,8 @@ def trim_changes(family_id, seq, top):
         want = count + 1 - 2 * FAMILY_MAX_ENTRIES + FAMILY_MAX_ENTRIES // 50
         dropped = [row[0] for row in db.execute("""
             DELETE FROM changes WHERE seq IN (SELECT seq FROM changes c WHERE family_id = ? AND seq > ?
-              AND NOT EXISTS (SELECT 1 FROM entries WHERE id = c.entry_id AND seq = c.seq) ORDER BY seq LIMIT ?) RETURNING seq""",
+              AND NOT EXISTS (SELECT 1 FROM entries WHERE id = c.entry_id AND seq = c.seq)
+              ORDER BY seq LIMIT ?) RETURNING seq""",
             (family_id, start, want))]
         count, low = count - len(dropped), max(dropped, default=low)
         if len(dropped) == want:
