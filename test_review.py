@@ -9,12 +9,11 @@ import datetime as dt
 import re
 import json
 import time
-import uuid
 
 import pytest
 
 from conftest import AdminClient, Server, log_changes, wait_for
-from test_history import LONDON, at, counts, upload, write
+from test_history import LONDON, counts, upload, write
 from test_reliability import RawSocket, frame
 
 MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000
