@@ -10,6 +10,7 @@ import os
 import sqlite3
 import time
 import uuid
+import zoneinfo
 
 import pytest
 
@@ -501,7 +502,9 @@ def test_plan_notes_and_button_editor_in_chromium(server, admin, browser, width)
     page.click('#config summary:has-text("Advanced")')
     assert page.is_visible('#config textarea[name=config]')
 
-    page.goto(f"{server.base_url}/admin/families/{family['id']}")
+    # the note's own day: shortly after midnight in Sydney it was yesterday there
+    noted = dt.datetime.fromtimestamp(now / 1000 - 150 * 60, zoneinfo.ZoneInfo(SYDNEY)).date()
+    page.goto(f"{server.base_url}/admin/families/{family['id']}?date={noted}")
     assert page.locator('table.grid .event[data-type="note"]').count() == 1
     assert page.evaluate('getComputedStyle(document.querySelector(".event[data-type=note]")).fontStyle') == 'italic'
     assert page.evaluate('document.documentElement.scrollWidth') <= width, 'the family page is wider than the window'
