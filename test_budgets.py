@@ -222,7 +222,7 @@ def test_the_limiter_forgets_old_failures_as_it_goes_and_says_how_long_to_wait(b
 
 def test_an_admin_form_that_hits_a_full_disk_says_so_and_changes_nothing(bt, logged_in):
     form = next(f for f in logged_in.get('/admin').forms.values() if f.action.endswith('/admin/families/new'))
-    bt.db.execute('VACUUM')  # no free page left inside the file (migration 3's dropped indexes leave two)
+    bt.db.execute('VACUUM')  # no free page left inside the file (migration 3's dropped index leaves one)
     bt.db.execute('PRAGMA max_page_count = 1')  # and the file may not grow: a full disk
     typed = {'csrf': form['csrf'].value, 'name': 'Olivia', 'notes': 'n' * 9_000, 'tz': 'UTC'}
     page = logged_in.post('/admin/families/new', typed, status=503, expect_errors=True)  # Bottle logs the fault

@@ -309,7 +309,7 @@ def test_a_coaching_note_typed_when_the_disk_is_full_is_shown_again_to_send_late
     form = form_of(logged_in.get(f"/admin/families/{family['id']}"), '/notes/new')
     typed = 'Try a later bedtime this week. ' * 100
     form['text'] = typed
-    bt.db.execute('VACUUM')  # no free page left inside the file (migration 3's dropped indexes leave two)
+    bt.db.execute('VACUUM')  # no free page left inside the file (migration 3's dropped index leaves one)
     bt.db.execute('PRAGMA max_page_count = 1')  # and the file may not grow: a full disk
     try:
         page = form.submit(status=503, expect_errors=True)
