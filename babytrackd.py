@@ -2636,10 +2636,9 @@ def family_form(path, section, gone=None):
     section; on Invalid, on act returning False (what it changes was already gone: say `gone`) or on a storage
     fault, show the page again as typed. The JSON API has its own routes for all of this."""
     def route(act):
-        @app.post(f'/admin/families/<family_id>/{path}')
-        @admin_required
-        def handler(family_id, **names):
-            family, data = family_or_404(family_id), form_body()
+        @family_route('POST', f'/admin/families/<family_id>/{path}')
+        def handler(family, **names):
+            data = form_body()
             try:
                 if act(family, data, **names) is False:  # a second click, an old page
                     raise Invalid(gone)
@@ -2651,7 +2650,7 @@ def family_form(path, section, gone=None):
                 response.status, message = 503, STORAGE_MESSAGE
                 response.set_header('Retry-After', str(STORAGE_RETRY))
             else:
-                redirect(f'/admin/families/{family_id}#{section}', 303)
+                redirect(f"/admin/families/{family['id']}#{section}", 303)
             return page('family', **family_page(family, None, {section: message}, data))
         return act
     return route
