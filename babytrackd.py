@@ -43,6 +43,7 @@ if not os.environ.get('BABYTRACKD_NO_PATCH'):
 
 import argparse
 import bisect
+import contextlib
 import csv
 import datetime as dt
 import functools
@@ -258,11 +259,8 @@ def migrate(db):
     if 0 < version < len(MIGRATIONS) and path:
         copy = os.path.join(os.path.dirname(path), 'backups', f'before-migration-{version}.db')
         os.makedirs(os.path.dirname(copy), exist_ok=True)
-        target = sqlite3.connect(copy + '.part')
-        try:
+        with contextlib.closing(sqlite3.connect(copy + '.part')) as target:
             db.backup(target)
-        finally:
-            target.close()
         os.replace(copy + '.part', copy)
         log.info('upgrading the database from schema %s to %s; the old file is kept as %s',
                  version, len(MIGRATIONS), copy)
@@ -359,10 +357,8 @@ def apart(function, *args, idle=True):
     """Return function(*args), run in gevent's threadpool while the loop serves sockets; `idle`: at idle CPU
     priority, so it only runs when the loop leaves a CPU free (README "Performance", and its one hazard)."""
     def run():
-        try:  # Linux, this thread only
+        with contextlib.suppress(AttributeError, OSError):  # Linux, this thread; elsewhere or sandboxed: as it was
             os.sched_setscheduler(0, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
-        except (AttributeError, OSError):  # another system, or a sandbox that forbids it: as it was
-            pass
         return function(*args)
     return gevent.get_hub().threadpool.apply(run)
 
@@ -1705,10 +1701,8 @@ class Peer:
         self.closing_since = self.closing_since or time.monotonic()
         if self.writer is not None and gevent.getcurrent() is not self.writer:
             self.writer.kill(block=False)
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def receive(self):
         """Return the next text message, or None once the connection is over (closed as it must be)."""
@@ -2726,9 +2720,8 @@ def export_slices(family_id, size=250):
     """Yield the family's live entries (oldest first), then None, then its change log (oldest first), `size` rows
     at a time from one snapshot, serving others between slices; the snapshot is a connection of its own, so no
     statement stays open on the shared one across a yield. Each row's columns are in its JSON export's order."""
-    snapshot = sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])
-    snapshot.row_factory = sqlite3.Row
-    try:
+    with contextlib.closing(sqlite3.connect(db.execute('PRAGMA database_list').fetchone()[2])) as snapshot:
+        snapshot.row_factory = sqlite3.Row
         snapshot.execute('BEGIN')  # one snapshot for both lists
         for sql in ("""SELECT id, ts, NULL AS time, type, value, deleted, updated_at, seq, by FROM entries
                        WHERE family_id = ? AND NOT deleted ORDER BY ts, id DESC""",
@@ -2739,8 +2732,6 @@ def export_slices(family_id, size=250):
                 yield part
                 gevent.idle()
             yield None
-    finally:
-        snapshot.close()
 
 
 @family_route('GET', '/admin/families/<family_id>/export.<kind:re:csv|json>')
@@ -3008,11 +2999,8 @@ def metrics():
 
 def on_own_connection(path, work):
     """Return work(conn) on a connection of its own to the database at `path`, closed after."""
-    conn = sqlite3.connect(path)
-    try:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return work(conn)
-    finally:
-        conn.close()
 
 
 def backup_to(path):
@@ -3146,10 +3134,8 @@ class Handler(WebSocketHandler):
 
     def handle(self):
         if len(self.server.pool) > self.server.max_connections:
-            try:
+            with contextlib.suppress(OSError):
                 self.socket.sendall(Refused('503 Service Unavailable', 'Too many connections; try again soon.').answer)
-            except OSError:
-                pass
             self.rfile.close()
             return
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -3163,11 +3149,8 @@ class Handler(WebSocketHandler):
                 began = b''
             if not began:
                 return None
-        self.deadline = gevent.Timeout.start_new(HEAD_SECONDS, socket.timeout('request head too slow'))
-        try:
+        with gevent.Timeout(HEAD_SECONDS, socket.timeout('request head too slow')) as self.deadline:
             return super().handle_one_request()
-        finally:
-            self.deadline.close()
 
     def MessageClass(self, fp, *args):
         return super().MessageClass(HeadReader(fp, HEAD_MAX - len(self.requestline)), *args)
