@@ -1899,6 +1899,14 @@ def spend_write(token):
     return 0
 
 
+def publish_entry(family_id, outcome, action, entry):
+    """Send a write apply_entry accepted to the family's devices; tell whether it was accepted."""
+    if outcome == 'accepted':
+        stats['entries_accepted'] += 1
+        hub.broadcast(family_id, {'type': 'entry', 'action': action, 'entry': entry})
+    return outcome == 'accepted'
+
+
 def handle_message(peer, message):
     """Act on one client message: store, then broadcast or answer the sender."""
     kind = message.get('type')
@@ -1907,12 +1915,9 @@ def handle_message(peer, message):
     if kind == 'ping':
         peer.send({'type': 'pong'})
     elif kind == 'entry':
-        outcome, action, entry = apply_entry(peer.family_id, message.get('action'), message, peer.label)
+        outcome, action, entry = answer = apply_entry(peer.family_id, message.get('action'), message, peer.label)
         reply = {'type': 'entry', 'action': action, 'entry': entry}
-        if outcome == 'accepted':
-            stats['entries_accepted'] += 1
-            hub.broadcast(peer.family_id, reply)
-        else:  # `stale` tells the app its write lost, so it can let the outbox item go
+        if not publish_entry(peer.family_id, *answer):  # `stale` tells the app its write lost: its outbox item can go
             peer.send(dict(reply, stale=True) if outcome == 'stale' else reply)
     elif kind == 'config':
         hub.broadcast(peer.family_id, {'type': 'config', 'data': save_config(peer.family_id, message.get('data'))})
@@ -2029,11 +2034,6 @@ def json_body():
     return data
 
 
-def form_or_json():
-    """Return the body as a dict, from JSON or an HTML form."""
-    return json_body() if sends_json() else form_body()
-
-
 def form_body():
     """Return an HTML form's fields once its CSRF token is checked (403); anything else gets 415."""
     if request.content_type.split(';')[0].strip().lower() not in ('application/x-www-form-urlencoded',
@@ -2135,19 +2135,13 @@ def admin_required(callback):
     return wrapper
 
 
-def family_or_404(family_id):
-    """Return the family or abort with 404."""
-    family = get_family(family_id)
-    if family is None:
-        bottle.abort(404, 'No such family.')
-    return family
-
-
 def family_route(method, path):
     """Route an admin request about the family in `path`: a logged-in admin first, then the family (404) as `family`."""
     def register(callback):
         def route(family_id, **ids):
-            return callback(family_or_404(family_id), **ids)
+            if (family := get_family(family_id)) is None:
+                bottle.abort(404, 'No such family.')
+            return callback(family, **ids)
         app.route(path, method, admin_required(route))
         return callback
     return register
@@ -2282,7 +2276,7 @@ def admin_login():
     is_form = not sends_json()
     if is_form and not same_origin(request.environ):
         bottle.abort(403, 'Log in from this site.')
-    data = form_or_json()
+    data = form_body() if is_form else json_body()
     token, refused = log_in(client_address(), data.get('username'), data.get('password'))
     if refused and is_form:  # the login page again, with what was typed
         return bottle.HTTPResponse(page('login', error=refused[1], username_value=data.get('username') or ''),
@@ -2765,12 +2759,6 @@ def admin_family_export(family, kind):
 
 # -- admin pages: history, restore and import -------------------------------------
 
-def publish_entry(family_id, action, entry):
-    """Send an accepted write to the family's devices, as handle_message does for a device's own."""
-    stats['entries_accepted'] += 1
-    hub.broadcast(family_id, {'type': 'entry', 'action': action, 'entry': entry})
-
-
 PAGE_ROWS = 500  # versions or tombstones on one page; older ones are a link (`?before=`) away
 
 
@@ -2800,17 +2788,15 @@ def admin_entry_history(family, entry_id):
 @family_route('POST', '/admin/families/<family_id>/entries/<entry_id>/restore')
 def admin_entry_restore(family, entry_id):
     """Make an older version current again (by = the admin), pushed to the family's devices like any change."""
-    family_id, data = family['id'], form_or_json()
+    family_id, data = family['id'], json_body() if sends_json() else form_body()
     seq = data.get('seq')  # a number in JSON, digits in a form
     seq = int(seq) if isinstance(seq, str) and re.fullmatch('[0-9]{1,18}', seq) else check_int(seq, 'seq')
     answer = restore_entry(family_id, entry_id, seq, request.environ['babytrackd.session']['username'])
     if answer is None:
         bottle.abort(404, 'This entry has no such version in this family.')
-    outcome, action, entry = answer
-    if outcome == 'accepted':
-        publish_entry(family_id, action, entry)
+    publish_entry(family_id, *answer)
     if sends_json():
-        return {'entry': entry}
+        return {'entry': answer[2]}
     back = 'deleted' if data.get('back') == 'deleted' else f'entries/{entry_id}/history'
     redirect(f'/admin/families/{family_id}/{back}', 303)
 
@@ -2872,10 +2858,8 @@ def store_import(family, source, new):
             if number == 0:
                 check_import_room(family['id'], new)
             written = [apply_entry(family['id'], 'add', {'entry': entry}, 'import', room=True) for entry in chunk]
-        for outcome, action, stored in written:
-            if outcome == 'accepted':
-                publish_entry(family['id'], action, stored)
-                added += 1
+        for answer in written:
+            added += publish_entry(family['id'], *answer)
         gevent.idle()
     return added
 
