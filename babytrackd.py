@@ -813,9 +813,7 @@ def wins(new, old):
     On equal updated_at the larger (deleted, ts, type, value) tuple wins, so every arrival order
     of the same writes ends in the same state.
     """
-    if new['updated_at'] != old['updated_at']:
-        return new['updated_at'] > old['updated_at']
-    key = lambda e: (bool(e['deleted']), e['ts'], e['type'], e['value'])
+    key = lambda e: (e['updated_at'], bool(e['deleted']), e['ts'], e['type'], e['value'])
     return key(new) > key(old)
 
 
@@ -2342,7 +2340,7 @@ def admin_families_list():
 def admin_families_create():
     """Create a family."""
     data = json_body()
-    return bottle.HTTPResponse(create_family(data.get('name'), data.get('notes') or '', data.get('tz') or None), 201)
+    return bottle.HTTPResponse(create_family(data.get('name'), data.get('notes'), data.get('tz')), 201)
 
 
 # What an admin change does, whichever route asked: store it, then the family's devices hear of it at once.
@@ -2612,7 +2610,7 @@ def admin_family_add():
     """The dashboard's Add client form."""
     data = form_body()
     try:
-        family = create_family(data.get('name', ''), data.get('notes', ''), data.get('tz') or None)
+        family = create_family(data.get('name', ''), data.get('notes'), data.get('tz'))
     except Invalid as error:
         response.status = 400
         return admin_dashboard(str(error), data)
