@@ -2879,9 +2879,9 @@ def admin_family_import(family):
             raise
         response.status = 400
         return page('family', **family_page(family, None, {'import': str(error)}))
-    held = hold_import(family['id'], data) if form.get('preview') == '1' and not as_json else None
     if as_json:
         return found
+    held = hold_import(family['id'], data) if form.get('preview') == '1' else None
     day = lambda ms: f'{local_time(ms, family["tz"]):%-d %b %Y}'
     skipped = ', '.join(f'{count:,} {name}' for name, count in sorted(found['skipped'].items()))
     return page('family_import_preview', family=family, found=found, skipped=skipped, held=held, day=day)
