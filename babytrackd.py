@@ -3197,9 +3197,9 @@ def announce():
                     'can forge %s; listen on 127.0.0.1 behind the proxy', HOST, TRUST_PROXY_HEADER)
 
 
-def serve(host=HOST, port=PORT):
+def serve():
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    server = WSGIServer((host, port), logged(app), handler_class=Handler, log=None, error_log=log,
+    server = WSGIServer((HOST, PORT), logged(app), handler_class=Handler, log=None, error_log=log,
                         spawn=gevent.pool.Pool())  # unbounded: Handler refuses past the cap at once
     server.pre_start_hook = pre_start_hook
     server.max_connections = file_descriptors_for(MAX_CONNECTIONS)
@@ -3214,7 +3214,7 @@ def serve(host=HOST, port=PORT):
         gevent.signal_handler(signal.SIGUSR1, lambda: db.execute('PRAGMA max_page_count = 1073741823'))
     db.execute('PRAGMA wal_autocheckpoint = 4000')  # 16 MB: reached only when the thread cannot keep up
     background = [gevent.spawn(maintenance_loop), gevent.spawn(checkpoint_loop)]
-    log.info('babytrackd %s listening on %s:%s', VERSION, host, server.server_port)
+    log.info('babytrackd %s listening on %s:%s', VERSION, HOST, server.server_port)
     announce()
     stopping.wait()
     gevent.killall(background)
