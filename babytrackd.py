@@ -1913,9 +1913,12 @@ def handle_message(peer, message):
     if kind == 'ping':
         peer.send({'type': 'pong'})
     elif kind == 'entry':
-        outcome, action, entry = answer = apply_entry(peer.family_id, message.get('action'), message, peer.label)
+        outcome, action, entry = apply_entry(peer.family_id, message.get('action'), message, peer.label)
         reply = {'type': 'entry', 'action': action, 'entry': entry}
-        if not publish_entry(peer.family_id, *answer):  # `stale` tells the app its write lost: its outbox item can go
+        if outcome == 'accepted':
+            stats['entries_accepted'] += 1
+            hub.broadcast(peer.family_id, reply)
+        else:  # `stale` tells the app its write lost, so it can let the outbox item go
             peer.send(dict(reply, stale=True) if outcome == 'stale' else reply)
     elif kind == 'config':
         hub.broadcast(peer.family_id, {'type': 'config', 'data': save_config(peer.family_id, message.get('data'))})
