@@ -1227,7 +1227,9 @@ def sleep_chart(family, last, now=None, days=14):
                                            AND ts >= ? AND ts < ? ORDER BY ts""", (family['id'], first, end))]
     chart = []
     for date, (start, stop) in zip(dates, windows):
-        clock = lambda ms: clock_minutes(ms, start, tz)
+        # a day of 24 hours has no change of offset in it: its wall clock is the time since it began
+        clock = ((lambda ms: round((ms - start) / 60000, 1)) if stop - start == DAY_MS
+                 else lambda ms: clock_minutes(ms, start, tz))
         inside = [(max(begin, start), min(finish, stop)) for begin, finish in sleeps if begin < stop and finish > start]
         chart.append({'date': date, 'minutes': round(sum(finish - begin for begin, finish in inside) / 60000),
                       'sleep': [(clock(begin), max(0, clock(finish) - clock(begin))) for begin, finish in inside],
@@ -2584,8 +2586,12 @@ def family_page(family, date_text, errors=None, typed=None):
     """Return what the family page shows for one date (a refused form: its message and what was typed)."""
     tz, now = family['tz'], now_ms()
     date = parse_date(date_text, tz)
-    summary, config, chart = day_summary(family, date, now), get_config(family['id']), sleep_chart(family, date, now)
-    gevent.idle()  # the page renders in a slice of its own
+    summary, config = day_summary(family, date, now), get_config(family['id'])
+    gevent.idle()  # the summary, the 14-day chart, the nights and the page each take a slice of their own
+    chart = sleep_chart(family, date, now)
+    gevent.idle()
+    nights = nights_table(family, date if date_text and date < local_today(tz, now) else None, now)
+    gevent.idle()
     slept = [(s['start'], s['end'] - s['start']) for s in summary['spans'] if s['category'] == 'sleep' and s['counted']]
     for hour in summary['hours']:  # the sleep inside each hour, as (first minute, minutes)
         hour['sleep'] = [(start / 60000, length / 60000) for start, length in within(slept, hour['start'], 3600_000)]
@@ -2595,8 +2601,7 @@ def family_page(family, date_text, errors=None, typed=None):
             'config': json.dumps(config, indent=2), **plan_fields(plan), 'date': str(date), 'text': '',
             **(typed or {})}
     return {'family': family, 'date': date, 'prev': date - dt.timedelta(days=1), 'next': date + dt.timedelta(days=1),
-            'summary': summary, 'chart': chart, 'config': config, 'form': form,
-            'nights': nights_table(family, date if date_text and date < local_today(tz, now) else None, now),
+            'summary': summary, 'chart': chart, 'nights': nights, 'config': config, 'form': form,
             'links': list_links(family['id']), 'online': {p.token for p in hub.peers(family['id'])},
             'changes': recent_changes(family['id']), 'errors': errors or {}, 'zone_options': zone_options, 'now': now,
             'plan': plan, 'planned': planned_minutes(plan), 'within': within, 'notes': notes,
