@@ -261,14 +261,11 @@ class Client:
         self.sock.sendall(('\r\n'.join(lines) + '\r\n\r\n').encode())
         self.buffer, self.parts = b'', []
         while b'\r\n\r\n' not in self.buffer:
-            self.buffer += self.sock.recv(65536)
+            self.read_more()
         head, self.buffer = self.buffer.split(b'\r\n\r\n', 1)
         assert head.startswith(b'HTTP/1.1 101'), head[:40]
         while (first := self.parse()) is None:  # the init (a large one comes in fragments)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError('closed')
-            self.buffer += chunk
+            self.read_more()
         self.first, self.on_message = first, on_message
         self.sock.settimeout(None)  # the time-out was for the handshake; per read it costs a Timeout object
         RECEIVER.add(self)
@@ -282,6 +279,13 @@ class Client:
                                 bytes([0x80 | 127]) + struct.pack('!Q', size))
         key = int.from_bytes((mask * (size // 4 + 1))[:size], 'big')
         self.sock.sendall(head + mask + (int.from_bytes(payload, 'big') ^ key).to_bytes(size, 'big'))
+
+    def read_more(self):
+        """Wait for more bytes during the handshake (the Receiver reads them after)."""
+        chunk = self.sock.recv(65536)  # not more: CPython allocates the whole size (1 MiB: an mmap)
+        if not chunk:
+            raise ConnectionError('closed')
+        self.buffer += chunk
 
     def parse(self):
         """Return the next whole text message in the buffer (answering pings on the way), or None until more
