@@ -640,7 +640,8 @@ def run_practice(args):
             idle = [broadcast_ms(devices[n % 5], arrivals, f'i{n}') for n in range(samples)]
             reloader = subprocess.Popen([sys.executable, __file__, '--reload-dashboard', str(server.port), server.cookie],
                                         stdout=subprocess.PIPE, text=True)
-            assert reloader.stdout.readline() == 'reloading\n'  # its first reload is done
+            if reloader.stdout.readline() != 'reloading\n':  # its first reload is done
+                raise RuntimeError('the reloading browser stopped before its first reload (its error is above)')
             gevent.sleep(0.2)
             loaded = [broadcast_ms(devices[n % 5], arrivals, f'r{n}', timeout=60) for n in range(samples)]
             reloader.send_signal(signal.SIGTERM)
