@@ -1,6 +1,5 @@
 %# Dashboard: expects families (family rows with today, seen, states and flags in words; flagged first), show_archived, hm,
-%# zone_options, form (name, notes, tz of the Add client form), error (its message or None), csrf, turn (gevent.idle:
-%# the sockets get the loop between slices of 50 rows).
+%# zone_options, form (name, notes, tz of the Add client form), error (its message or None), csrf.
 % rebase('base.tpl', title='Clients')
 <main>
 <div class="heading">
@@ -18,10 +17,7 @@
 <table class="clients">
 <thead><tr><th>Client</th><th>Last activity</th><th>Now</th><th>Sleep today</th><th>Feeds</th><th>Nappies</th></tr></thead>
 <tbody>
-% for n, f in enumerate(families):
-% if n and n % 50 == 0:
-%   turn()
-% end
+% for f in families:
 <tr>
   <td class="client"><a href="/admin/families/{{f['id']}}">{{f['name']}}</a>
 % if f['archived']:
