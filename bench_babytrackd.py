@@ -639,13 +639,22 @@ def run_practice(args):
         with in_background():
             idle = [broadcast_ms(devices[n % 5], arrivals, f'i{n}') for n in range(samples)]
             reloader = subprocess.Popen([sys.executable, __file__, '--reload-dashboard', str(server.port), server.cookie],
-                                        stdout=subprocess.PIPE, text=True)
-            if reloader.stdout.readline() != 'reloading\n':  # its first reload is done
-                raise RuntimeError('the reloading browser stopped before its first reload (its error is above)')
-            gevent.sleep(0.2)
-            loaded = [broadcast_ms(devices[n % 5], arrivals, f'r{n}', timeout=60) for n in range(samples)]
-            reloader.send_signal(signal.SIGTERM)
-            reloads = json.loads(reloader.communicate(timeout=60)[0])
+                                        stdout=subprocess.PIPE, text=True)  # at the batch policy too, as started here
+            try:
+                if reloader.stdout.readline() != 'reloading\n':  # its first reload is done
+                    raise RuntimeError('the reloading browser stopped before its first reload (its error is above)')
+                gevent.sleep(0.2)
+                window = time.perf_counter()
+                loaded = [broadcast_ms(devices[n % 5], arrivals, f'r{n}', timeout=60) for n in range(samples)]
+                window = (window, time.perf_counter())
+            finally:
+                reloader.send_signal(signal.SIGTERM)
+                said = reloader.communicate(timeout=60)[0]
+        if reloader.returncode:
+            raise RuntimeError('the reloading browser stopped with an error (above)')
+        reloads = [ms for started, ms in json.loads(said) if window[0] <= started <= window[1]]  # the same clock
+        if not reloads:
+            raise RuntimeError('no reload of the dashboard began while the loaded samples were taken')
         for device in devices:
             device.close()
         results['practice_idle_p99_ms'] = percentile(idle, 0.99)
@@ -661,20 +670,20 @@ def run_practice(args):
 
 def reload_dashboard(port, cookie):
     """Jane's browser, in a process of its own (a greenlet in the bench's would hold up the devices' reads ~0.3-0.8 ms
-    per reload, parsing the page): reload the dashboard back to back until SIGTERM, then print the timings as JSON."""
+    per reload, parsing the page): reload the dashboard back to back until SIGTERM, then print each reload's start
+    (perf_counter, the same clock in every process) and milliseconds as JSON."""
     stopping, reloads = gevent.event.Event(), []
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     connection = http.client.HTTPConnection('127.0.0.1', port)
-    with in_background():  # like the devices: it waits for the server to block instead of preempting it
-        while not stopping.is_set():
-            started = time.perf_counter()
-            connection.request('GET', '/admin', headers={'Cookie': cookie, 'Accept': 'text/html'})
-            answer = connection.getresponse()
-            answer.read()
-            assert answer.status == 200, answer.status
-            reloads.append((time.perf_counter() - started) * 1000)
-            if len(reloads) == 1:
-                print('reloading', flush=True)
+    while not stopping.is_set():
+        started = time.perf_counter()
+        connection.request('GET', '/admin', headers={'Cookie': cookie, 'Accept': 'text/html'})
+        answer = connection.getresponse()
+        if answer.status != 200 or b'<table class="clients">' not in answer.read():  # not the login page
+            raise RuntimeError(f'GET /admin answered {answer.status} without the clients table')
+        reloads.append((started, (time.perf_counter() - started) * 1000))
+        if len(reloads) == 1:
+            print('reloading', flush=True)
     print(json.dumps(reloads), flush=True)
 
 
