@@ -2311,8 +2311,9 @@ def admin_dashboard(error=None, typed=None):
     """The consultant's dashboard (shown again by the Add client form with its mistake and what was typed)."""
     show_archived, now = request.query.get('archived') == '1', now_ms()
     families = list_families(show_archived)
+    gevent.idle()  # each step takes a slice of its own, the rows and the page too: sleep(0) would not let sockets in
     today = families_today(families, now)  # its queries run apart: the loop serves sockets meanwhile
-    gevent.idle()  # a slice for these rows and one for the page: sleep(0) would not let sockets in
+    gevent.idle()
     flags = cached_flags(families, now)
     gevent.idle()
     families = [dict(family, today=today[family['id']]['totals'],
@@ -2325,7 +2326,7 @@ def admin_dashboard(error=None, typed=None):
     form = {'name': '', 'notes': '', 'tz': DEFAULT_TZ, **(typed or {})}
     gevent.idle()
     return page('dashboard', families=families, show_archived=show_archived, hm=hm, zone_options=zone_options,
-                error=error, form=form)
+                error=error, form=form, turn=gevent.idle)
 
 
 @app.get('/admin/families')

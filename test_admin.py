@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -266,6 +267,21 @@ def test_dashboard_state_that_began_yesterday(bt, jane, clock):
     write_day(bt, family, [('2026-10-04 19:42', 'sleep', 'sleeping')])
     clock[0] = at('2026-10-05 05:00', SYDNEY)
     assert 'sleeping since yesterday 19:42' in jane.get('/admin').text
+
+
+def test_dashboard_lets_the_sockets_in_between_slices_of_its_rows(bt, jane, monkeypatch):
+    """Each step of the dashboard takes a turn of its own, the first right after the family list, and the table's
+    rows go out 50 at a time: 120 families give the loop two turns inside the table, and every row is still there."""
+    for n in range(120):
+        bt.create_family(f'Family {n:03d}')
+    turns = []  # where each turn was taken: the file and function of its caller
+    monkeypatch.setattr(bt.gevent, 'idle', lambda: turns.append(
+        (os.path.basename(sys._getframe(1).f_code.co_filename), sys._getframe(1).f_code.co_name)))
+    page = jane.get('/admin')
+    assert turns[0] == ('babytrackd.py', 'admin_dashboard'), turns  # before families_today's own
+    assert turns.count(('babytrackd.py', 'admin_dashboard')) == 4
+    assert [file for file, _ in turns].count('dashboard.tpl') == 2
+    assert sorted(a.get_text() for a in page.html.select('table.clients a')) == [f'Family {n:03d}' for n in range(120)]
 
 
 def test_dashboard_archived_toggle(bt, jane):

@@ -1,5 +1,6 @@
 %# Dashboard: expects families (family rows with today, seen, states and flags in words; flagged first), show_archived, hm,
-%# zone_options, form (name, notes, tz of the Add client form), error (its message or None), csrf.
+%# zone_options, form (name, notes, tz of the Add client form), error (its message or None), csrf, turn (gevent.idle:
+%# the sockets get the loop between slices of 50 rows).
 % rebase('base.tpl', title='Clients')
 <main>
 <div class="heading">
@@ -17,7 +18,10 @@
 <table class="clients">
 <thead><tr><th>Client</th><th>Last activity</th><th>Now</th><th>Sleep today</th><th>Feeds</th><th>Nappies</th></tr></thead>
 <tbody>
-% for f in families:
+% for n, f in enumerate(families):
+% if n and n % 50 == 0:
+%   turn()
+% end
 <tr>
   <td class="client"><a href="/admin/families/{{f['id']}}">{{f['name']}}</a>
 % if f['archived']:
